@@ -356,30 +356,37 @@ def disable_cpu_inference_repacking(model: torch.nn.Module) -> int:
     no-grad forward on a CPU with AVX512-BF16; the repacked kernel has no backward, so later
     gradients through that layer are silently dropped. deltameta differentiates through the
     frozen base (the input gradients carry the adapters' gradients), so the repacking is turned
-    off on every 4-bit layer and any weight already repacked is unpacked again.
+    off on every 4-bit layer. Call this before the model's first forward (``load_base`` does):
+    the repacking rounds the quantization constants to bf16, so it cannot be undone exactly.
 
     Args:
         model: Model whose ``Linear4bit`` modules are fixed in place.
 
     Returns:
         The number of 4-bit layers seen.
+
+    Raises:
+        ModelLoadError: a layer was already repacked; reload the model and call this first.
     """
     try:
         import bitsandbytes as bnb
     except ImportError:
         return 0
     count = 0
-    for module in model.modules():
+    repacked = []
+    for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
             state = getattr(module.weight, "quant_state", None)
             if state is not None and getattr(state, "packing_format_for_cpu", False):
-                from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state
-                )
+                repacked.append(name)
             count += 1
+    if repacked:
+        raise ModelLoadError(
+            f"{len(repacked)} 4-bit layers (first: '{repacked[0]}') were already repacked by bitsandbytes for "
+            "its CPU inference kernel, which has no backward and cannot be undone exactly. Reload the model "
+            "with deltameta.load_base (which disables the repacking before any forward)."
+        )
     return count
 
 
@@ -414,6 +421,7 @@ def prepare(
     quantization: str = "nf4",
     double_quant: bool = False,
     revision: str | None = None,
+    show_progress: bool = False,
 ) -> Path | None:
     """Convert and quantize ``name`` into the cache (a no-op when already there).
 
@@ -425,6 +433,7 @@ def prepare(
         quantization: ``nf4``, ``fp4`` or ``none``.
         double_quant: Double-quantize the 4-bit constants.
         revision: Hub revision.
+        show_progress: Show a progress bar over the preparation steps.
 
     Returns:
         The prepared directory, or ``None`` for ``tiny-random-llama`` (built in-process).
@@ -432,12 +441,33 @@ def prepare(
     _check_quantization(quantization)
     if name == "tiny-random-llama":
         return None
-    source, base_id = full_precision_source(name, revision, show_progress=True)
-    if quantization == "none":
-        return Path(source) if Path(source).exists() else None
-    target = prepared_dir(name, quantization, double_quant, revision)
-    if (target / "config.json").is_file():
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        steps = ["convert to safetensors"] + ([] if quantization == "none" else [f"quantize to {quantization}"])
+        bar = tqdm(total=len(steps), desc=f"preparing {name}", unit="step")
+    else:
+        bar = None
+    try:
+        source, base_id = full_precision_source(name, revision, show_progress=show_progress)
+        if bar is not None:
+            bar.update(1)
+        if quantization == "none":
+            return Path(source) if Path(source).exists() else None
+        target = prepared_dir(name, quantization, double_quant, revision)
+        if not (target / "config.json").is_file():
+            _quantize_in_child(name, source, target, quantization, double_quant, revision, base_id)
+        if bar is not None:
+            bar.update(1)
         return target
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _quantize_in_child(
+    name: str, source: str, target: Path, quantization: str, double_quant: bool, revision: str | None, base_id: str
+) -> None:
     check_4bit_available("cuda" if torch.cuda.is_available() else "cpu")
     logger.info("quantizing %s to %s (one-time) into %s", name, quantization, target)
     env = dict(os.environ)
@@ -451,7 +481,15 @@ def prepare(
     )
     if result.returncode != 0:
         raise ModelLoadError(f"quantizing '{name}' to {quantization} failed:\n{result.stderr.strip()[-3000:]}")
-    return target
+
+
+def is_prepared(name: str, quantization: str, double_quant: bool = False, revision: str | None = None) -> bool:
+    """Return whether ``name`` is already prepared in the cache for ``quantization``."""
+    if name == "tiny-random-llama":
+        return True
+    if quantization == "none" and name not in ALIASES:
+        return True
+    return (prepared_dir(name, quantization, double_quant, revision) / "config.json").is_file()
 
 
 def _check_quantization(quantization: str) -> None:
@@ -544,7 +582,8 @@ def load_base(
         if quantization == "none":
             source, base_id = full_precision_source(model, revision, show_progress=True)
         else:
-            source = str(prepare(model, quantization, double_quant, revision))
+            ready = is_prepared(model, quantization, double_quant, revision)
+            source = str(prepare(model, quantization, double_quant, revision, show_progress=not ready))
             base_id = json.loads((Path(source) / SOURCE_FILE).read_text())["base_model_name_or_path"]
         local = Path(source).exists()
         kwargs: dict[str, Any] = {"revision": None if local else revision, "trust_remote_code": trust_remote_code}

@@ -1,0 +1,1 @@
+"""One module per ``deltameta`` subcommand (see :mod:`deltameta.cli`)."""

@@ -1,0 +1,222 @@
+"""Recipes: YAML files plus ``key=value`` overrides, validated against a dataclass.
+
+Every command that takes a recipe (``meta-train``, ``finetune``, ``evaluate``) describes its keys
+with a dataclass whose fields carry ``help`` metadata. :func:`build_config` merges, in order, the
+dataclass defaults, the recipe file and the command-line overrides, then checks every key and
+value: an unknown key gets the closest valid key suggested, a wrong type names the key, the value
+and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from deltameta.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """Declare a config field with a help text.
+
+    Args:
+        default: Default value (lists and dicts are copied per instance).
+        help: One-line description shown by ``--help`` and in errors.
+        **kwargs: Passed to :func:`dataclasses.field`.
+    """
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are read as YAML (``3``, ``0.1``, ``true``, ``[a, b]``).
+
+    Args:
+        items: Command-line words.
+
+    Returns:
+        Mapping of keys to parsed values.
+
+    Raises:
+        ConfigError: a word is not of the form ``key=value``.
+    """
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example inner_lr=0.01).")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        result[key.strip()] = value
+    return result
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a dict.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{path}' must be a mapping of keys to values, got {type(data).__name__}.")
+    return data
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def coerce(value: Any, annotation: Any, key: str, where: str = "") -> Any:
+    """Check ``value`` against ``annotation``, converting where lossless (``1`` -> ``1.0``).
+
+    Args:
+        value: The parsed value.
+        annotation: The field's type.
+        key: The key (for error messages).
+        where: Where the value came from (for error messages).
+
+    Raises:
+        ConfigError: the value does not fit the type.
+    """
+    origin = get_origin(annotation)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{key}={value!r}{where}: expected {_type_name(annotation)}.")
+
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key, where)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin is Literal:
+        if value in get_args(annotation):
+            return value
+        suggestion = difflib.get_close_matches(str(value), [str(a) for a in get_args(annotation)], n=1)
+        hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
+        raise ConfigError(f"{key}={value!r}{where}: expected {_type_name(annotation)}{hint}.")
+    if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        (item_type,) = get_args(annotation)[:1] or (Any,)
+        return [coerce(v, item_type, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail()
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    return value
+
+
+def build_config(cls: type[T], recipe: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> T:
+    """Build a config dataclass from defaults, a recipe file and overrides (later wins).
+
+    Args:
+        cls: The command's config dataclass.
+        recipe: Path of a YAML recipe, or ``None``.
+        overrides: ``key=value`` words, or an already parsed mapping.
+
+    Returns:
+        A validated instance of ``cls``. If ``cls`` defines ``validate()``, it is called.
+
+    Raises:
+        ConfigError: unknown key (the closest valid key is suggested) or a value of the wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    sources: list[tuple[dict[str, Any], str]] = []
+    if recipe is not None:
+        sources.append((load_recipe(recipe), f" in recipe '{recipe}'"))
+    if overrides:
+        parsed = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        sources.append((parsed, " on the command line"))
+    for mapping, where in sources:
+        for key, value in mapping.items():
+            if key not in hints or key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+                hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
+                raise ConfigError(f"unknown key '{key}'{where}.{hint}")
+            values[key] = coerce(value, hints[key], key, where)
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Return a config dataclass as a plain dict."""
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: Any) -> str:
+    """Return a config dataclass as YAML (keys in declaration order)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def describe_keys(cls: type) -> str:
+    """Return a ``--help`` epilogue listing every key with its default and help text."""
+    lines = ["config keys (set in a recipe or as key=value):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name:<22} {f.metadata.get('help', '')} (default: {default!r})")
+    return "\n".join(lines)

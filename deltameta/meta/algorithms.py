@@ -1,0 +1,401 @@
+"""Meta-learning algorithms over delta tensors: FOMAML, MAML, Reptile, Meta-SGD, multitask.
+
+Each algorithm turns one task (a support and a query batch) — or, task-batched, T tasks at once
+— into a contribution to the meta-gradient, accumulated into the ``.grad`` of the
+meta-parameters (deltas, Meta-SGD learning rates, controller), and reports the task's losses.
+The outer optimizer step is the trainer's business (:mod:`deltameta.meta.trainer`).
+
+* ``fomaml`` (default): inner SGD with detached gradients; the query-loss gradient at the
+  adapted weights is the meta-gradient.
+* ``maml``: the same with ``create_graph=True`` (exact second-order meta-gradient); attention
+  runs with the math SDPA backend, which has a double backward on CPU.
+* ``reptile``: meta-gradient ``phi - phi_adapted`` (an outer SGD step of size ``eps`` moves
+  ``phi`` by ``eps (phi_adapted - phi)``).
+* ``metasgd``: like (FO)MAML, with a learned learning rate per delta tensor.
+* ``multitask``: the baseline — the same adapter trained on the same tasks' examples with plain
+  batches and the same number of forward/backward passes (``inner_steps + 1`` per task), no
+  adaptation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from deltameta.errors import ConfigError
+from deltameta.meta import batched as B
+from deltameta.meta import functional as F
+
+ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask")
+
+
+@dataclasses.dataclass
+class InnerLoop:
+    """Inner-loop settings.
+
+    Attributes:
+        steps: SGD steps on the support batch.
+        lr: Inner learning rate (Meta-SGD: the initial value of each learned rate).
+        first_order: Drop second-order terms.
+        clip: Inner gradient global-norm threshold (``None``/0: off).
+    """
+
+    steps: int = 1
+    lr: float = 0.1
+    first_order: bool = True
+    clip: float | None = None
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """Losses of one task step (floats, for logging).
+
+    Attributes:
+        support_before: Support loss at the meta-parameters (first inner step).
+        support_after: Support loss at the last inner step (``nan`` with one step or none).
+        query_after: Query loss at the adapted parameters (multitask: at the shared ones).
+        tokens: Tokens processed (support x steps + query).
+        finite: Whether every loss was finite.
+    """
+
+    support_before: float
+    support_after: float
+    query_after: float
+    tokens: int
+    finite: bool
+
+
+def _count_tokens(batch: Mapping[str, Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+class MetaAlgorithm:
+    """Base class: owns the meta-parameters and computes per-task meta-gradients.
+
+    Args:
+        model: Model with injected deltas (frozen base).
+        params: Meta-parameters ``name -> Parameter`` (usually :func:`functional.get_deltas`).
+        inner: Inner-loop settings.
+        forward_context: Factory of a context manager wrapped around every forward (for
+            example autocast); ``None`` for none.
+        loss_fn_factory: ``(model, groups) -> loss_fn``; default :func:`functional.lm_loss_fn`.
+    """
+
+    name = "base"
+    uses_query_gradient = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, nn.Parameter],
+        inner: InnerLoop,
+        forward_context: Callable[[], ContextManager] | None = None,
+        loss_fn_factory: Callable[[nn.Module, int | None], F.LossFn] | None = None,
+    ) -> None:
+        self.model = model
+        self.params = dict(params)
+        self.inner = inner
+        self.forward_context = forward_context or contextlib.nullcontext
+        self._loss_fn_factory = loss_fn_factory or (lambda m, groups: F.lm_loss_fn(m, groups=groups))
+
+    # -- meta-parameters -------------------------------------------------------------------
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        """Meta-parameters besides the deltas (Meta-SGD learning rates)."""
+        return {}
+
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        """Every tensor the outer optimizer updates (except the controller's)."""
+        return {**self.params, **self.extra_parameters()}
+
+    def inner_lr(self) -> float | Mapping[str, Tensor]:
+        """The inner learning rate(s) used by :func:`functional.adapt`."""
+        return self.inner.lr
+
+    # -- contexts ----------------------------------------------------------------------------
+
+    def second_order(self) -> bool:
+        """Whether the inner loop keeps its graph."""
+        return not self.inner.first_order
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with self.forward_context(), F.math_attention(self.second_order()):
+            yield
+
+    def loss_fn(self, groups: int | None = None) -> F.LossFn:
+        """The loss closure for an ordinary (``None``) or task-batched (``T``) batch."""
+        return self._loss_fn_factory(self.model, groups)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def adapt(self, params: Mapping[str, Tensor], support: Mapping[str, Tensor], groups: int | None = None,
+              losses: list[float] | None = None, first_order: bool | None = None) -> dict[str, Tensor]:
+        """Adapt ``params`` on ``support`` with this algorithm's inner loop."""
+        return F.adapt(
+            params,
+            support,
+            self.loss_fn(groups),
+            steps=self.inner.steps,
+            lr=self.inner_lr(),
+            first_order=self.inner.first_order if first_order is None else first_order,
+            clip=self.inner.clip,
+            task_dim=groups is not None,
+            losses=losses,
+        )
+
+    def task_step(self, support: Mapping[str, Tensor], query: Mapping[str, Tensor], scale: float) -> TaskResult:
+        """Accumulate one task's meta-gradient (times ``scale``) into ``.grad``.
+
+        Args:
+            support: Encoded support batch of the task.
+            query: Encoded query batch of the task.
+            scale: Weight of this task in the meta-batch (usually ``1 / meta_batch_size``).
+
+        Returns:
+            The task's losses.
+        """
+        losses: list[float] = []
+        with self._context():
+            fast = self.adapt(self.params, support, losses=losses)
+            query_loss = self.loss_fn()(fast, query)
+            finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
+            if finite:
+                self._backward(query_loss * scale, fast, scale)
+        return self._result(losses, query_loss, support, query, 1)
+
+    def tasks_step_batched(self, supports: Sequence[Mapping[str, Tensor]], queries: Sequence[Mapping[str, Tensor]],
+                           scale: float, pad_token_id: int = 0) -> TaskResult:
+        """Like :meth:`task_step` for T tasks at once (task-batched); the result averages them."""
+        tasks = len(supports)
+        support = B.concat_batches(supports, pad_token_id)
+        query = B.concat_batches(queries, pad_token_id)
+        losses: list[float] = []
+        with self._context():
+            stacked = B.stack_params(self.params, tasks)
+            fast = self.adapt(stacked, support, groups=tasks, losses=losses)
+            query_loss = self.loss_fn(tasks)(fast, query)
+            finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
+            if finite:
+                self._backward(query_loss * scale, fast, scale, tasks=tasks)
+        return self._result([x / tasks for x in losses], query_loss / tasks, support, query, tasks)
+
+    def _backward(self, scaled_query_loss: Tensor, fast: Mapping[str, Tensor], scale: float, tasks: int | None = None) -> None:
+        scaled_query_loss.backward()
+
+    def _result(self, losses: list[float], query_loss: Tensor, support, query, tasks: int) -> TaskResult:
+        q = float(query_loss.detach())
+        return TaskResult(
+            support_before=losses[0] if losses else float("nan"),
+            support_after=losses[-1] if len(losses) > 1 else float("nan"),
+            query_after=q,
+            tokens=_count_tokens(support) * max(self.inner.steps, 1) + _count_tokens(query),
+            finite=_finite(q) and all(map(_finite, losses)),
+        )
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+class FOMAML(MetaAlgorithm):
+    """First-order MAML: gradient of the query loss at the adapted weights."""
+
+    name = "fomaml"
+
+
+class MAML(MetaAlgorithm):
+    """Second-order MAML: differentiates through the inner loop (``create_graph=True``)."""
+
+    name = "maml"
+
+
+class MetaSGD(MetaAlgorithm):
+    """Meta-SGD: a learned inner learning rate per delta tensor (``lr_<name>`` parameters).
+
+    Args:
+        See :class:`MetaAlgorithm`. The learned rates start at ``inner.lr``.
+    """
+
+    name = "metasgd"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lrs = {
+            name: nn.Parameter(torch.tensor(float(self.inner.lr), dtype=p.dtype, device=p.device))
+            for name, p in self.params.items()
+        }
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"metasgd_lr.{name}": lr for name, lr in self.lrs.items()}
+
+    def inner_lr(self) -> Mapping[str, Tensor]:
+        return self.lrs
+
+
+class Reptile(MetaAlgorithm):
+    """Reptile: meta-gradient ``phi - phi_adapted`` (first-order inner loop, no query gradient).
+
+    The query loss at the adapted weights is computed for logging and, when a controller is in
+    use, back-propagated to the controller only.
+    """
+
+    name = "reptile"
+
+    def task_step(self, support, query, scale):  # noqa: D102 - see base class
+        losses: list[float] = []
+        with self._context():
+            fast = self.adapt(self.params, support, losses=losses, first_order=True)
+            frozen = {k: v.detach() for k, v in fast.items()}
+            query_loss = self.loss_fn()(frozen, query)
+            finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
+            if finite:
+                self._reptile_grad(frozen, scale, None)
+                if query_loss.requires_grad:
+                    (query_loss * scale).backward()
+        return self._result(losses, query_loss, support, query, 1)
+
+    def tasks_step_batched(self, supports, queries, scale, pad_token_id=0):  # noqa: D102
+        tasks = len(supports)
+        support = B.concat_batches(supports, pad_token_id)
+        query = B.concat_batches(queries, pad_token_id)
+        losses: list[float] = []
+        with self._context():
+            fast = self.adapt(B.stack_params(self.params, tasks), support, groups=tasks, losses=losses, first_order=True)
+            frozen = {k: v.detach() for k, v in fast.items()}
+            query_loss = self.loss_fn(tasks)(frozen, query)
+            finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
+            if finite:
+                self._reptile_grad(frozen, scale, tasks)
+                if query_loss.requires_grad:
+                    (query_loss * scale).backward()
+        return self._result([x / tasks for x in losses], query_loss / tasks, support, query, tasks)
+
+    def _reptile_grad(self, fast: Mapping[str, Tensor], scale: float, tasks: int | None) -> None:
+        for name, p in self.params.items():
+            target = fast[name]
+            diff = (p.detach() - target) if tasks is None else (tasks * p.detach() - target.sum(0))
+            p.grad = diff * scale if p.grad is None else p.grad + diff * scale
+
+
+class Multitask(MetaAlgorithm):
+    """Multitask baseline: plain training of the same adapter on the same tasks' examples.
+
+    Per task it runs ``inner_steps`` forward/backward passes on the support batch and one on the
+    query batch (the same number of passes as the meta-learners), all accumulating into the same
+    outer gradient, without any adaptation.
+    """
+
+    name = "multitask"
+
+    def second_order(self) -> bool:
+        return False
+
+    def task_step(self, support, query, scale):  # noqa: D102 - see base class
+        passes = self.inner.steps + 1
+        losses: list[float] = []
+        loss_fn = self.loss_fn()
+        with self._context():
+            for _ in range(self.inner.steps):
+                loss = loss_fn(self.params, support)
+                losses.append(float(loss.detach()))
+                if _finite(losses[-1]):
+                    (loss * scale / passes).backward()
+            query_loss = loss_fn(self.params, query)
+            if torch.isfinite(query_loss) and all(map(_finite, losses)):
+                (query_loss * scale / passes).backward()
+        return self._result(losses, query_loss, support, query, 1)
+
+    def tasks_step_batched(self, supports, queries, scale, pad_token_id=0):  # noqa: D102
+        return _mean_results([self.task_step(s, q, scale) for s, q in zip(supports, queries)])
+
+
+def _mean_results(results: Sequence[TaskResult]) -> TaskResult:
+    n = len(results)
+    return TaskResult(
+        support_before=sum(r.support_before for r in results) / n,
+        support_after=sum(r.support_after for r in results) / n,
+        query_after=sum(r.query_after for r in results) / n,
+        tokens=sum(r.tokens for r in results),
+        finite=all(r.finite for r in results),
+    )
+
+
+_CLASSES: dict[str, type[MetaAlgorithm]] = {
+    "fomaml": FOMAML,
+    "maml": MAML,
+    "reptile": Reptile,
+    "metasgd": MetaSGD,
+    "multitask": Multitask,
+}
+
+
+def make_algorithm(
+    name: str,
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    inner: InnerLoop,
+    forward_context: Callable[[], ContextManager] | None = None,
+    loss_fn_factory: Callable[[nn.Module, int | None], F.LossFn] | None = None,
+) -> MetaAlgorithm:
+    """Build an algorithm by name.
+
+    Args:
+        name: One of :data:`ALGORITHMS`.
+        model: Model with injected deltas.
+        params: Meta-parameters.
+        inner: Inner-loop settings (``maml`` forces ``first_order=False``, ``fomaml`` and
+            ``reptile`` force ``True``).
+        forward_context: See :class:`MetaAlgorithm`.
+        loss_fn_factory: See :class:`MetaAlgorithm`.
+
+    Raises:
+        ConfigError: unknown name.
+    """
+    if name not in _CLASSES:
+        raise ConfigError(f"algorithm={name!r}: expected one of {', '.join(ALGORITHMS)}.")
+    inner = dataclasses.replace(inner)
+    if name == "maml":
+        inner.first_order = False
+    elif name in ("fomaml", "reptile", "multitask"):
+        inner.first_order = True
+    return _CLASSES[name](model, params, inner, forward_context, loss_fn_factory)
+
+
+def evaluate_task(
+    algorithm: MetaAlgorithm,
+    support: Mapping[str, Tensor],
+    query: Mapping[str, Tensor],
+    steps: int | None = None,
+) -> tuple[float, float]:
+    """Query loss of a held-out task before and after adaptation (no meta-gradient).
+
+    Args:
+        algorithm: The trained algorithm (its inner lr(s) are used; the inner loop runs first
+            order since no meta-gradient is needed).
+        support: Encoded support batch.
+        query: Encoded query batch.
+        steps: Inner steps (default: the algorithm's; ``multitask`` adapts with the same inner
+            loop so that the baseline is compared fairly).
+
+    Returns:
+        ``(query_loss_before, query_loss_after)``.
+    """
+    loss_fn = algorithm.loss_fn()
+    base = {k: v.detach() for k, v in algorithm.params.items()}
+    lr = algorithm.inner_lr()
+    if isinstance(lr, Mapping):
+        lr = {k: v.detach() for k, v in lr.items()}
+    with algorithm.forward_context():
+        with torch.no_grad():
+            before = float(loss_fn(base, query))
+        fast = F.adapt(base, support, loss_fn, steps=algorithm.inner.steps if steps is None else steps, lr=lr,
+                       first_order=True, clip=algorithm.inner.clip)
+        with torch.no_grad():
+            after = float(loss_fn({k: v.detach() for k, v in fast.items()}, query))
+    return before, after

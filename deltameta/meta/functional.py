@@ -1,0 +1,287 @@
+"""The functional inner loop: adapt a dict of delta tensors without copying the frozen model.
+
+This is the small API for researchers who write their own meta-learning loop (in the spirit of
+learn2learn's ``clone()``/``adapt()``, but functional). The frozen base weights stay inside the
+module; only the delta tensors travel, as a ``name -> tensor`` dict fed to
+:func:`torch.func.functional_call`::
+
+    from deltameta.meta import functional as F
+
+    model = F.inject(model, delta_config)            # add deltas to the frozen base
+    deltas = F.get_deltas(model)                     # {name: Parameter}
+    loss_fn = F.lm_loss_fn(model)                    # (params, batch) -> scalar
+    fast = F.adapt(deltas, support, loss_fn, steps=2, lr=0.1, first_order=True)
+    query_loss = loss_fn(fast, query)
+    query_loss.backward()                            # meta-gradient lands in deltas' .grad
+
+``adapt`` returns new tensors that are functions of the input dict, so the query loss
+differentiates back to the meta-parameters: through the full second-order graph when
+``first_order=False``, or with the identity Jacobian (first-order MAML) when ``first_order=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+Batch = Mapping[str, Tensor]
+LossFn = Callable[[Mapping[str, Tensor], Batch], Tensor]
+
+#: Keys of an encoded batch that are model inputs (``labels`` is kept for the loss).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def inject(model: nn.Module, config: Any) -> nn.Module:
+    """Add delta modules to the frozen linears of ``model`` (in place).
+
+    Args:
+        model: A frozen base model (see :func:`deltameta.base.load_base`).
+        config: A :class:`deltameta.deltas.DeltaConfig`.
+
+    Returns:
+        ``model`` itself, with deltas injected.
+    """
+    from deltameta.meta._compat import deltas_api
+
+    result = deltas_api().inject_deltas(model, config)
+    return result if isinstance(result, nn.Module) else model
+
+
+def get_deltas(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Return the meta-learned delta tensors of ``model`` as ``{name: Parameter}``.
+
+    Names are those of ``model.named_parameters()``, so the dict (or any dict of tensors with
+    the same keys and shapes) can be passed to :func:`forward_with`. When deltameta's delta
+    modules are not injected, every trainable parameter of ``model`` is returned, which keeps
+    this API usable on any ``nn.Module``.
+
+    Args:
+        model: Model with injected deltas.
+
+    Returns:
+        Ordered mapping of names to the live parameters.
+    """
+    from deltameta.meta._compat import deltas_api
+
+    api = deltas_api(required=False)
+    if api is not None:
+        found = dict(api.delta_parameters(model))
+        if found:
+            return found
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def detached(params: Mapping[str, Tensor], requires_grad: bool = True) -> Params:
+    """Return leaf copies of ``params`` (no history), optionally requiring gradients."""
+    return {k: v.detach().clone().requires_grad_(requires_grad) for k, v in params.items()}
+
+
+def forward_with(model: nn.Module, params: Mapping[str, Tensor], batch: Batch, **kwargs: Any) -> Any:
+    """Run ``model`` with ``params`` in place of its own tensors of the same names.
+
+    Args:
+        model: The module (its other weights are used as they are; nothing is copied).
+        params: ``name -> tensor`` overrides (e.g. adapted deltas, possibly task-batched with a
+            leading task dimension, when the delta layers support it).
+        batch: Model inputs; keys outside :data:`MODEL_INPUT_KEYS` (such as ``labels``) are not
+            passed to the model.
+        **kwargs: Extra keyword arguments for the model's forward.
+
+    Returns:
+        The model's output.
+    """
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    inputs.update(kwargs)
+    return torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False)
+
+
+def _logits(output: Any) -> Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def target_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over target positions (``labels != -100``).
+
+    Uses :func:`deltameta.tasks.lm_loss` when available, so the engine and the task module agree
+    on the definition.
+    """
+    try:
+        from deltameta.tasks import lm_loss
+    except ImportError:
+        return grouped_target_loss(logits, labels, 1)[0]
+    return lm_loss(logits, labels)
+
+
+def grouped_target_loss(logits: Tensor, labels: Tensor, groups: int) -> Tensor:
+    """Per-group mean next-token cross-entropy for a batch of ``groups`` equal contiguous groups.
+
+    Args:
+        logits: ``[B, L, V]`` with ``B`` divisible by ``groups``.
+        labels: ``[B, L]`` with ``-100`` outside the target.
+        groups: Number of groups (tasks) in the batch.
+
+    Returns:
+        ``[groups]`` losses, each the mean over that group's target tokens (0 for a group without
+        any target token).
+    """
+    shift_logits = logits[:, :-1, :].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    token_loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(groups, -1)
+    mask = (shift_labels != -100).view(groups, -1).to(token_loss.dtype)
+    return (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def lm_loss_fn(model: nn.Module, groups: int | None = None, **forward_kwargs: Any) -> LossFn:
+    """Build the usual loss closure: target-only causal-LM loss with the given deltas.
+
+    Args:
+        model: Model with injected deltas.
+        groups: ``None`` for an ordinary batch (mean loss); ``T`` for a task-batched batch of ``T``
+            equal groups, where the closure returns the **sum** of the per-task mean losses so
+            that the gradient of each task's slice of task-batched params is that task's gradient.
+        **forward_kwargs: Extra arguments for the model's forward.
+
+    Returns:
+        ``loss_fn(params, batch) -> scalar``.
+    """
+
+    def loss_fn(params: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        logits = _logits(forward_with(model, params, batch, **forward_kwargs))
+        if groups is None:
+            return target_loss(logits, batch["labels"])
+        return grouped_target_loss(logits, batch["labels"], groups).sum()
+
+    return loss_fn
+
+
+def clip_grads(grads: list[Tensor | None], max_norm: float | None, task_dim: bool = False) -> list[Tensor | None]:
+    """Scale gradients so that their global L2 norm is at most ``max_norm`` (differentiably).
+
+    Args:
+        grads: Gradients (``None`` entries are ignored).
+        max_norm: Threshold; ``None`` or ``<= 0`` disables clipping.
+        task_dim: Gradients carry a leading task dimension; clip each task's slice separately.
+
+    Returns:
+        The clipped gradients.
+    """
+    if not max_norm or max_norm <= 0:
+        return grads
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    if task_dim:
+        sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in present)
+        scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        return [None if g is None else g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in grads]
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in present))
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return [None if g is None else g * scale.to(g.dtype) for g in grads]
+
+
+def sgd_step(
+    params: Mapping[str, Tensor],
+    loss: Tensor,
+    lr: float | Mapping[str, Tensor],
+    first_order: bool = True,
+    clip: float | None = None,
+    task_dim: bool = False,
+) -> Params:
+    """One differentiable SGD step on ``params``.
+
+    Args:
+        params: Current tensors (must require grad or be functions of tensors that do).
+        loss: Scalar loss computed from ``params``.
+        lr: One learning rate, or a per-tensor mapping (Meta-SGD: tensors broadcastable to each
+            parameter, learnable).
+        first_order: Detach the gradient (first-order MAML); otherwise keep its graph
+            (``create_graph=True``) for second-order meta-gradients.
+        clip: Global-norm threshold for the inner gradient.
+        task_dim: Params carry a leading task dimension (clip per task).
+
+    Returns:
+        The updated tensors ``p - lr * g``.
+    """
+    names = list(params)
+    tensors = [params[n] for n in names]
+    grads = torch.autograd.grad(loss, tensors, create_graph=not first_order, allow_unused=True)
+    if first_order:
+        grads = tuple(None if g is None else g.detach() for g in grads)
+    grads = clip_grads(list(grads), clip, task_dim=task_dim)
+    new: Params = {}
+    for name, p, g in zip(names, tensors, grads):
+        if g is None:
+            new[name] = p
+            continue
+        step_lr = lr[name] if isinstance(lr, Mapping) else lr
+        new[name] = p - step_lr * g
+    return new
+
+
+def adapt(
+    params: Mapping[str, Tensor],
+    support_batch: Batch,
+    loss_fn: LossFn,
+    steps: int = 1,
+    lr: float | Mapping[str, Tensor] = 0.1,
+    first_order: bool = True,
+    clip: float | None = None,
+    task_dim: bool = False,
+    losses: list[float] | None = None,
+) -> Params:
+    """Adapt ``params`` to a task with ``steps`` SGD steps on its support batch.
+
+    The returned tensors are functions of ``params`` (never in-place updates), so a loss on them
+    backpropagates to the meta-parameters. Leaf tensors that do not require grad are made to (on
+    a detached copy), which lets the same call serve evaluation.
+
+    Args:
+        params: Meta-parameters, e.g. ``get_deltas(model)``.
+        support_batch: The task's support examples, encoded.
+        loss_fn: ``loss_fn(params, batch) -> scalar``, e.g. :func:`lm_loss_fn`.
+        steps: Number of inner steps (``0`` returns ``params`` unchanged).
+        lr: Inner learning rate, or per-tensor learned rates (Meta-SGD).
+        first_order: Drop second-order terms (see :func:`sgd_step`).
+        clip: Inner gradient global-norm clipping threshold (per task when ``task_dim``).
+        task_dim: Params carry a leading task dimension and ``loss_fn`` returns the sum of
+            per-task losses (see :func:`lm_loss_fn` with ``groups``).
+        losses: If given, each step's support loss (a float) is appended.
+
+    Returns:
+        The adapted ``name -> tensor`` dict.
+    """
+    current: Params = {}
+    for name, p in params.items():
+        current[name] = p if p.requires_grad else p.detach().requires_grad_(True)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = loss_fn(current, support_batch)
+            if losses is not None:
+                losses.append(float(loss.detach()))
+            current = sgd_step(current, loss, lr, first_order=first_order, clip=clip, task_dim=task_dim)
+    return current
+
+
+@contextlib.contextmanager
+def math_attention(enabled: bool = True) -> Iterator[None]:
+    """Run scaled-dot-product attention with the math backend (needed for double backward).
+
+    PyTorch's fused CPU SDPA kernel has no double backward, so second-order MAML runs attention
+    under this context.
+
+    Args:
+        enabled: When ``False``, this is a no-op.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

@@ -1,0 +1,309 @@
+"""Built-in task families, generated procedurally from a seed (no download).
+
+Each family draws tasks with a *hidden rule* that a model can only infer from the support
+examples: which arbitrary label word names which word category, which key of a record is
+asked for, which Caesar shift or string operation is applied, which secret word code is used,
+which number base and operator an unfamiliar symbol stands for, which linear function maps x to
+y. Tasks of a family differ in the rule's parameters; the same ``(seed, family, index)`` always
+gives the same task. Inputs are short (well under 60 characters) so a 135M model can learn them.
+
+Families (``MC`` = multiple choice, scored by option log-likelihood):
+
+* ``word_category`` (MC): words of 2-4 categories, each category named by a random label word.
+* ``number_property`` (MC): a number 0-99 labelled by a hidden property with two random words.
+* ``kv_lookup`` (MC): a record ``ka=37 mo=12 zu=85``; the answer is the value of a hidden key.
+* ``caesar``: a word shifted by a hidden k, optionally reversed and upper-cased.
+* ``string_op``: a hidden string operation (reverse, double letters, ...) plus a hidden affix.
+* ``word_map``: every word replaced through a hidden code book.
+* ``base_arith``: ``a # b`` where ``#`` hides +, - or * and the numbers are in a hidden base.
+* ``linear``: ``x`` -> ``a*x + b`` with hidden a, b.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import warnings
+from typing import Callable, Sequence
+
+from deltameta.errors import ConfigError
+from deltameta.tasks.seeding import derive_seed
+from deltameta.tasks.task import Example, PromptTemplate, Task
+
+SOURCE = "builtin"
+TEMPLATE = PromptTemplate(input_format="Input: {input}\nOutput:", target_format=" {target}")
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "animal": ("cat", "dog", "horse", "tiger", "wolf", "mouse", "eagle", "snake", "whale", "goat", "frog", "bear"),
+    "fruit": ("apple", "pear", "plum", "grape", "lemon", "mango", "peach", "cherry", "melon", "kiwi", "lime", "fig"),
+    "color": ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white", "gray", "teal"),
+    "vehicle": ("car", "bus", "truck", "train", "bike", "boat", "plane", "taxi", "van", "tram", "ship", "scooter"),
+    "body": ("hand", "foot", "knee", "elbow", "nose", "ear", "eye", "chin", "neck", "toe", "wrist", "lip"),
+    "tool": ("hammer", "saw", "drill", "wrench", "knife", "axe", "rake", "shovel", "chisel", "pliers", "file", "hoe"),
+    "weather": ("rain", "snow", "fog", "wind", "hail", "storm", "sleet", "frost", "mist", "sun", "cloud", "thunder"),
+    "clothing": ("shirt", "coat", "hat", "sock", "shoe", "scarf", "glove", "dress", "skirt", "belt", "boot", "vest"),
+    "music": ("piano", "drum", "flute", "violin", "guitar", "harp", "cello", "tuba", "banjo", "oboe", "horn", "lute"),
+    "job": ("baker", "doctor", "nurse", "pilot", "farmer", "judge", "chef", "clerk", "miner", "tailor", "poet", "guard"),
+}
+#: Arbitrary label words (disjoint from the category words).
+LABELS = (
+    "zap", "mop", "kin", "vex", "dux", "quill", "blip", "snorf", "gleb", "wub", "tarn", "yolk", "fizz", "plonk",
+    "grue", "jinx", "mauve", "nib", "orb", "pith", "rune", "sable", "tusk", "umber", "veil", "wisp", "yarrow", "zeal",
+)
+#: Short common words used as string-function inputs.
+WORDS = (
+    "cat", "dog", "sun", "tree", "book", "milk", "fish", "door", "lamp", "rock", "star", "moon", "cake", "frog",
+    "ship", "bird", "rain", "salt", "gold", "wind", "leaf", "ring", "hat", "cup", "pen", "box", "key", "map",
+    "road", "king", "song", "fire", "snow", "sand", "wolf", "bell", "corn", "desk", "fork", "gate", "hill",
+    "iron", "jam", "kite", "lake", "nest", "oak", "pig", "rose", "seed", "toy", "vase", "wall", "yard", "zoo",
+)
+OPERATOR_SYMBOLS = ("@", "#", "&", "%", "$", "~", "^")
+BASES = (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 16)
+
+
+def _in_base(value: int, base: int) -> str:
+    digits = string.digits + string.ascii_lowercase
+    if value == 0:
+        return "0"
+    sign, value = ("-", -value) if value < 0 else ("", value)
+    out = []
+    while value:
+        value, rest = divmod(value, base)
+        out.append(digits[rest])
+    return sign + "".join(reversed(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# one generator per family: rng -> (rule key, description, example factory)
+
+Factory = Callable[[random.Random], Example]
+
+
+def _word_category(rng: random.Random):
+    categories = rng.sample(sorted(CATEGORIES), rng.randint(2, 4))
+    labels = rng.sample(LABELS, len(categories))
+
+    def make(r: random.Random) -> Example:
+        index = r.randrange(len(categories))
+        words = r.sample(CATEGORIES[categories[index]], r.choice((1, 1, 2)))
+        return Example(input=" and ".join(words), target=labels[index], options=list(labels))
+
+    rule = ", ".join(f"{c} -> {label}" for c, label in zip(categories, labels))
+    return (tuple(categories), tuple(labels)), f"word category labels: {rule}", make
+
+
+_PROPERTIES = {
+    "even": (lambda r: None, lambda x, p: x % 2 == 0, "is even"),
+    "greater": (lambda r: r.randint(10, 89), lambda x, p: x > p, "is greater than {}"),
+    "divisible": (lambda r: r.randint(3, 9), lambda x, p: x % p == 0, "is divisible by {}"),
+    "has_digit": (lambda r: r.randint(0, 9), lambda x, p: str(p) in str(x), "contains the digit {}"),
+    "digit_sum_even": (lambda r: None, lambda x, p: sum(map(int, str(x))) % 2 == 0, "has an even digit sum"),
+}
+
+
+def _number_property(rng: random.Random):
+    name = rng.choice(sorted(_PROPERTIES))
+    draw, test, text = _PROPERTIES[name]
+    parameter = draw(rng)
+    yes, no = rng.sample(LABELS, 2)
+
+    def make(r: random.Random) -> Example:
+        # draw positives and negatives equally often so rare properties still show both labels
+        want = r.random() < 0.5
+        for _ in range(200):
+            x = r.randint(0, 99)
+            if bool(test(x, parameter)) == want:
+                break
+        return Example(input=str(x), target=yes if test(x, parameter) else no, options=[yes, no])
+
+    return (name, parameter, yes, no), f"'{yes}' if the number {text.format(parameter)}, else '{no}'", make
+
+
+def _kv_lookup(rng: random.Random):
+    keys = ["".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou")) for _ in range(6)]
+    keys = sorted(set(keys))
+    target_key = rng.choice(keys)
+    others = [k for k in keys if k != target_key]
+
+    def make(r: random.Random) -> Example:
+        chosen = r.sample(others, min(2, len(others))) + [target_key]
+        r.shuffle(chosen)
+        values = r.sample(range(10, 100), len(chosen))
+        record = " ".join(f"{k}={v}" for k, v in zip(chosen, values))
+        options = [str(v) for v in values]
+        return Example(input=record, target=str(values[chosen.index(target_key)]), options=options)
+
+    return (tuple(keys), target_key), f"value of key '{target_key}' (keys {', '.join(keys)})", make
+
+
+def _caesar(rng: random.Random):
+    shift, reverse, upper = rng.randint(1, 25), rng.random() < 0.5, rng.random() < 0.5
+
+    def make(r: random.Random) -> Example:
+        word = r.choice(WORDS)
+        out = "".join(chr((ord(c) - 97 + shift) % 26 + 97) for c in word)
+        out = out[::-1] if reverse else out
+        return Example(input=word, target=out.upper() if upper else out)
+
+    flags = (" then reversed" if reverse else "") + (" in upper case" if upper else "")
+    return (shift, reverse, upper), f"Caesar shift by {shift}{flags}", make
+
+
+_STRING_OPS: dict[str, Callable[[list[str]], str]] = {
+    "reverse": lambda w: " ".join(w)[::-1],
+    "upper": lambda w: " ".join(w).upper(),
+    "title": lambda w: " ".join(x.capitalize() for x in w),
+    "double_letters": lambda w: " ".join("".join(c * 2 for c in x) for x in w),
+    "drop_vowels": lambda w: " ".join("".join(c for c in x if c not in "aeiou") or x for x in w),
+    "sort_letters": lambda w: " ".join("".join(sorted(x)) for x in w),
+    "first_letters": lambda w: "".join(x[0] for x in w),
+    "last_word": lambda w: w[-1],
+    "reverse_words": lambda w: " ".join(reversed(w)),
+    "swap_ends": lambda w: " ".join(x[-1] + x[1:-1] + x[0] if len(x) > 1 else x for x in w),
+}
+
+
+def _string_op(rng: random.Random):
+    op = rng.choice(sorted(_STRING_OPS))
+    affix = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(0, 2)))
+    prefix = rng.random() < 0.5
+    function = _STRING_OPS[op]
+
+    def make(r: random.Random) -> Example:
+        words = r.sample(WORDS, r.randint(2 if op in ("first_letters", "last_word", "reverse_words") else 1, 3))
+        out = function(words)
+        return Example(input=" ".join(words), target=(affix + out) if prefix else (out + affix))
+
+    where = "prefix" if prefix else "suffix"
+    return (op, affix, prefix and bool(affix)), f"{op}" + (f" with {where} '{affix}'" if affix else ""), make
+
+
+def _word_map(rng: random.Random):
+    vocabulary = rng.sample(WORDS, 6)
+    codes = rng.sample(LABELS, 6)
+    table = dict(zip(vocabulary, codes))
+
+    def make(r: random.Random) -> Example:
+        words = [r.choice(vocabulary) for _ in range(r.randint(1, 3))]
+        return Example(input=" ".join(words), target=" ".join(table[w] for w in words))
+
+    return tuple(sorted(table.items())), "code book: " + ", ".join(f"{k}->{v}" for k, v in table.items()), make
+
+
+def _base_arith(rng: random.Random):
+    base, op, symbol = rng.choice(BASES), rng.choice("+-*"), rng.choice(OPERATOR_SYMBOLS)
+    compute = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}[op]
+    top = base * base if op != "*" else base * 2
+
+    def make(r: random.Random) -> Example:
+        a, b = r.randrange(top), r.randrange(top)
+        return Example(input=f"{_in_base(a, base)} {symbol} {_in_base(b, base)}", target=_in_base(compute(a, b), base))
+
+    return (base, op, symbol), f"'{symbol}' means '{op}', numbers in base {base}", make
+
+
+def _linear(rng: random.Random):
+    a, b = rng.randint(1, 9), rng.randint(-9, 9)
+
+    def make(r: random.Random) -> Example:
+        x = r.randint(0, 20)
+        return Example(input=str(x), target=str(a * x + b))
+
+    return (a, b), f"y = {a}*x {'+' if b >= 0 else '-'} {abs(b)}", make
+
+
+#: family name -> rule generator.
+FAMILIES = {
+    "word_category": _word_category,
+    "number_property": _number_property,
+    "kv_lookup": _kv_lookup,
+    "caesar": _caesar,
+    "string_op": _string_op,
+    "word_map": _word_map,
+    "base_arith": _base_arith,
+    "linear": _linear,
+}
+
+
+def _examples(make: Factory, rng: random.Random, count: int) -> list[Example]:
+    """Draw ``count`` examples with distinct inputs where the input space allows."""
+    examples: list[Example] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(examples) < count and attempts < count * 20:
+        attempts += 1
+        example = make(rng)
+        if example.input in seen and attempts < count * 10:
+            continue
+        seen.add(example.input)
+        examples.append(example)
+    return examples
+
+
+def generate_family(family: str, num_tasks: int, examples_per_task: int = 64, seed: int = 0) -> list[Task]:
+    """Generate ``num_tasks`` distinct tasks of one built-in family.
+
+    Args:
+        family: A key of :data:`FAMILIES`.
+        num_tasks: How many tasks (distinct rules); fewer with a warning when the family's
+            rule space is smaller.
+        examples_per_task: Examples per task.
+        seed: Base seed; the same arguments always give the same tasks.
+
+    Returns:
+        Tasks named ``{family}__{index:03d}``.
+
+    Raises:
+        ConfigError: unknown family or non-positive counts.
+    """
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown built-in task family '{family}'; valid families: {', '.join(FAMILIES)}.")
+    if num_tasks < 1 or examples_per_task < 1:
+        raise ConfigError(f"built-in tasks need num_tasks >= 1 and examples_per_task >= 1, got {num_tasks}, {examples_per_task}.")
+    tasks: list[Task] = []
+    seen: set = set()
+    draws = 0
+    while len(tasks) < num_tasks and draws < num_tasks * 50:
+        rng = random.Random(derive_seed(seed, SOURCE, family, draws))
+        draws += 1
+        key, description, make = FAMILIES[family](rng)
+        if key in seen:
+            continue
+        seen.add(key)
+        examples = _examples(make, rng, examples_per_task)
+        tasks.append(
+            Task(
+                name=f"{family}__{len(tasks):03d}",
+                family=family,
+                examples=examples,
+                source=SOURCE,
+                template=TEMPLATE,
+                description=description,
+            )
+        )
+    if len(tasks) < num_tasks:
+        warnings.warn(f"built-in family '{family}' has only {len(tasks)} distinct rules; generated {len(tasks)} of {num_tasks} tasks.", stacklevel=2)
+    return tasks
+
+
+def read_builtin(
+    families: Sequence[str] | None = None, tasks_per_family: int = 16, examples_per_task: int = 64, seed: int = 0
+) -> list[Task]:
+    """Generate tasks of several built-in families.
+
+    Args:
+        families: Family names (default: all of :data:`FAMILIES`).
+        tasks_per_family: Tasks per family.
+        examples_per_task: Examples per task.
+        seed: Base seed.
+
+    Returns:
+        The tasks, family by family.
+
+    Raises:
+        ConfigError: unknown family or bad counts.
+    """
+    tasks: list[Task] = []
+    for family in families or FAMILIES:
+        tasks.extend(generate_family(family, tasks_per_family, examples_per_task, seed))
+    return tasks
