@@ -27,3 +27,7 @@ class QuantizationUnavailableError(ModelLoadError):
 
 class DataError(DeltametaError, ValueError):
     """A task file or collection is malformed."""
+
+
+class MetaStateError(DeltametaError):
+    """A meta-state or run directory is missing, unfinished or malformed."""

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from deltameta.deltas.config import DeltaConfig, parse_op
-from deltameta.deltas.layer import DeltaLinear
 from deltameta.deltas.model import apply_op_weights, delta_layers
 from deltameta.errors import ConfigError, DeltametaError
 
@@ -64,7 +63,8 @@ def gumbel_softmax(
         One-hot samples in the forward pass when ``hard`` (gradients of the soft sample).
     """
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbels = -torch.log(-torch.log(uniform.clamp_min(1e-10)).clamp_min(1e-10))
+    exponential = (-torch.log(uniform.clamp_min(1e-10))).clamp_min(1e-10)
+    gumbels = -torch.log(exponential)
     soft = torch.softmax((logits + gumbels) / tau, dim=-1)
     if not hard:
         return soft
@@ -277,7 +277,7 @@ class ArchController(nn.Module):
         grid = torch.full((len(layers), len(subs)), float("nan"))
         palette = plt.get_cmap("tab10")
         colours = ListedColormap([palette(i % 10) for i in range(len(self.ops))])
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(subs), 1.0 + 0.45 * len(layers)))
+        fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(subs), 1.8 + 0.45 * len(layers)))
         for layer, sub, op, row in cells:
             i, j = layers.index(layer), subs.index(sub)
             grid[i, j] = self.ops.index(op)
@@ -332,7 +332,6 @@ def build_controller(model: nn.Module, metadata: dict, state_dict: dict | None =
 
 __all__ = [
     "ArchController",
-    "DeltaLinear",
     "build_controller",
     "gumbel_softmax",
     "op_cost",

@@ -27,14 +27,10 @@ from torch import nn
 from deltameta.atomic import atomic_directory
 from deltameta.deltas.config import DeltaConfig
 from deltameta.deltas.model import delta_parameters, inject_deltas
-from deltameta.errors import DeltametaError
+from deltameta.errors import DeltametaError, MetaStateError
 
 FINAL_DIR = "final"
 TASK_EMBEDDING_KEY = "__task_embedding__"
-
-
-class MetaStateError(DeltametaError):
-    """A meta-state or run directory is missing, unfinished or malformed."""
 
 
 @dataclasses.dataclass

@@ -87,7 +87,10 @@ class MetaAlgorithm:
     """
 
     name = "base"
-    uses_query_gradient = True
+    #: Run the first-order inner loop by updating the delta tensors in place (and restoring them)
+    #: instead of through ``functional_call``: needed with gradient checkpointing, whose
+    #: recomputation in backward reads the module's own tensors.
+    inplace = False
 
     def __init__(
         self,
@@ -160,6 +163,8 @@ class MetaAlgorithm:
         Returns:
             The task's losses.
         """
+        if self.inplace:
+            return self._task_step_inplace(support, query, scale)
         losses: list[float] = []
         with self._context():
             fast = self.adapt(self.params, support, losses=losses)
@@ -184,6 +189,53 @@ class MetaAlgorithm:
             if finite:
                 self._backward(query_loss * scale, fast, scale, tasks=tasks)
         return self._result([x / tasks for x in losses], query_loss / tasks, support, query, tasks)
+
+    def _plain_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k in F.MODEL_INPUT_KEYS}
+        return F.target_loss(F._logits(self.model(**inputs, use_cache=False)), batch["labels"])
+
+    def _task_step_inplace(self, support: Mapping[str, Tensor], query: Mapping[str, Tensor], scale: float) -> TaskResult:
+        """First-order task step that moves the live delta tensors and restores them afterwards."""
+        if self.second_order():
+            raise ConfigError(f"the in-place inner loop (gradient checkpointing) is first-order only; algorithm={self.name}.")
+        names = list(self.params)
+        tensors = [self.params[n] for n in names]
+        saved = [p.detach().clone() for p in tensors]
+        lr = self.inner_lr()
+        losses: list[float] = []
+        try:
+            with self.forward_context():
+                for _ in range(self.inner.steps):
+                    loss = self._plain_loss(support)
+                    losses.append(float(loss.detach()))
+                    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                    grads = F.clip_grads(list(grads), self.inner.clip)
+                    with torch.no_grad():
+                        for name, p, g in zip(names, tensors, grads):
+                            if g is not None:
+                                p.sub_((lr[name].detach() if isinstance(lr, Mapping) else lr) * g)
+                query_grad = self.name != "reptile"
+                if not query_grad:
+                    for p in tensors:
+                        p.requires_grad_(False)
+                try:
+                    query_loss = self._plain_loss(query)
+                    finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
+                    if finite and query_loss.requires_grad:
+                        (query_loss * scale).backward()
+                finally:
+                    for p in tensors:
+                        p.requires_grad_(True)
+                if finite and not query_grad:
+                    diffs = {n: (s - p.detach()) for n, s, p in zip(names, saved, tensors)}
+        finally:
+            with torch.no_grad():
+                for p, s in zip(tensors, saved):
+                    p.copy_(s)
+        if finite and not query_grad:
+            for name, p in self.params.items():
+                p.grad = diffs[name] * scale if p.grad is None else p.grad + diffs[name] * scale
+        return self._result(losses, query_loss, support, query, 1)
 
     def _backward(self, scaled_query_loss: Tensor, fast: Mapping[str, Tensor], scale: float, tasks: int | None = None) -> None:
         scaled_query_loss.backward()
@@ -248,6 +300,8 @@ class Reptile(MetaAlgorithm):
     name = "reptile"
 
     def task_step(self, support, query, scale):  # noqa: D102 - see base class
+        if self.inplace:
+            return self._task_step_inplace(support, query, scale)
         losses: list[float] = []
         with self._context():
             fast = self.adapt(self.params, support, losses=losses, first_order=True)

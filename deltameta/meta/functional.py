@@ -106,14 +106,11 @@ def _logits(output: Any) -> Tensor:
 def target_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy over target positions (``labels != -100``).
 
-    Uses :func:`deltameta.tasks.lm_loss` when available, so the engine and the task module agree
-    on the definition.
+    The same definition as :func:`deltameta.tasks.lm_loss` (mean over all answer tokens of the
+    batch), but computed in the logits' dtype (float64 stays float64; half precision is upcast),
+    and identical to the task-batched :func:`grouped_target_loss` with one group.
     """
-    try:
-        from deltameta.tasks import lm_loss
-    except ImportError:
-        return grouped_target_loss(logits, labels, 1)[0]
-    return lm_loss(logits, labels)
+    return grouped_target_loss(logits, labels, 1)[0]
 
 
 def grouped_target_loss(logits: Tensor, labels: Tensor, groups: int) -> Tensor:
@@ -210,6 +207,8 @@ def sgd_step(
     """
     names = list(params)
     tensors = [params[n] for n in names]
+    if not loss.requires_grad:  # e.g. the controller switched every delta off: nothing to adapt
+        return dict(params)
     grads = torch.autograd.grad(loss, tensors, create_graph=not first_order, allow_unused=True)
     if first_order:
         grads = tuple(None if g is None else g.detach() for g in grads)

@@ -56,6 +56,8 @@ def load_json_file(path: Path) -> Any:
         raise DataError(f"'{path}' is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
     except RecursionError:
         raise DataError(f"'{path}' is nested too deeply to parse.") from None
+    except ValueError as error:  # e.g. an integer literal beyond Python's digit limit
+        raise DataError(f"'{path}' is not valid JSON: {error}.") from None
 
 
 def template_from_bigbench(spec: dict[str, Any], where: str = "") -> PromptTemplate:
@@ -75,6 +77,8 @@ def template_from_bigbench(spec: dict[str, Any], where: str = "") -> PromptTempl
     fields = {}
     for key, default in _DEFAULTS.items():
         value = spec.get(key, default)
+        if isinstance(default, bool) and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"  # some BIG-bench files spell booleans as strings
         if type(value) is not type(default):
             raise DataError(f"{where}: field '{key}' must be a {type(default).__name__}, got {value!r:.60}.")
         fields[key] = value
@@ -106,7 +110,7 @@ def _parse_example(raw: Any, where: str) -> Example:
             if not isinstance(scores, dict) or not scores:
                 raise DataError("field 'target_scores' must be a non-empty object mapping option -> score.")
             for option, score in scores.items():
-                if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                if isinstance(score, bool) or not isinstance(score, (int, float)) or (isinstance(score, float) and not math.isfinite(score)):
                     raise DataError(f"target_scores[{option!r:.40}] must be a finite number, got {score!r:.40}.")
             options = list(scores)
             best = max(scores.values())

@@ -140,8 +140,8 @@ def _caesar(rng: random.Random):
     shift, reverse, upper = rng.randint(1, 25), rng.random() < 0.5, rng.random() < 0.5
 
     def make(r: random.Random) -> Example:
-        word = r.choice(WORDS)
-        out = "".join(chr((ord(c) - 97 + shift) % 26 + 97) for c in word)
+        word = " ".join(r.sample(WORDS, r.randint(1, 2)))
+        out = "".join(chr((ord(c) - 97 + shift) % 26 + 97) if c.isalpha() else c for c in word)
         out = out[::-1] if reverse else out
         return Example(input=word, target=out.upper() if upper else out)
 
@@ -193,7 +193,7 @@ def _word_map(rng: random.Random):
 def _base_arith(rng: random.Random):
     base, op, symbol = rng.choice(BASES), rng.choice("+-*"), rng.choice(OPERATOR_SYMBOLS)
     compute = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}[op]
-    top = base * base if op != "*" else base * 2
+    top = max(base * base, 16) if op != "*" else max(base * 2, 12)
 
     def make(r: random.Random) -> Example:
         a, b = r.randrange(top), r.randrange(top)
@@ -206,7 +206,7 @@ def _linear(rng: random.Random):
     a, b = rng.randint(1, 9), rng.randint(-9, 9)
 
     def make(r: random.Random) -> Example:
-        x = r.randint(0, 20)
+        x = r.randint(0, 99)
         return Example(input=str(x), target=str(a * x + b))
 
     return (a, b), f"y = {a}*x {'+' if b >= 0 else '-'} {abs(b)}", make
@@ -226,14 +226,14 @@ FAMILIES = {
 
 
 def _examples(make: Factory, rng: random.Random, count: int) -> list[Example]:
-    """Draw ``count`` examples with distinct inputs where the input space allows."""
+    """Draw up to ``count`` examples with distinct inputs (fewer if the input space is smaller)."""
     examples: list[Example] = []
     seen: set[str] = set()
     attempts = 0
-    while len(examples) < count and attempts < count * 20:
+    while len(examples) < count and attempts < count * 30:
         attempts += 1
         example = make(rng)
-        if example.input in seen and attempts < count * 10:
+        if example.input in seen:
             continue
         seen.add(example.input)
         examples.append(example)

@@ -120,7 +120,7 @@ def _as_options(value: Any, column: str, where: str) -> list[str] | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             raise DataError(f"{where}: column '{column}' holds a string that is not a JSON list: {value!r:.60}.") from None
     if not isinstance(value, list):
         raise DataError(f"{where}: column '{column}' must hold a list of options, got {type(value).__name__}.")

@@ -111,6 +111,8 @@ def read_jsonl(path: str | Path, template: PromptTemplate = DEFAULT_TEMPLATE) ->
             raise DataError(f"{where}: malformed JSON: {error.msg} at column {error.colno}.") from None
         except RecursionError:
             raise DataError(f"{where}: JSON nested too deeply.") from None
+        except ValueError as error:  # e.g. an integer literal beyond Python's digit limit
+            raise DataError(f"{where}: malformed JSON: {error}.") from None
         rows.append(parse_record(record, where, path.stem))
     if not rows:
         raise DataError(f"'{path}' holds no examples (it is empty or blank).")

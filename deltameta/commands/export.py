@@ -1,0 +1,44 @@
+"""``deltameta export RUN_DIR --out DIR``: write a meta-trained run as a PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``export`` subcommand."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a meta-trained run as a PEFT LoRA adapter",
+        description=(
+            "Export the finished meta-state of a run (RUN_DIR/final, or a meta-state directory) as a "
+            "standard PEFT LoRA adapter: adapter_config.json, adapter_model.safetensors and a model card. "
+            "TARP deltas are folded into lora_B at a static point; their exact dynamic part goes to "
+            "deltameta_tarp.safetensors (load it with deltameta.load_meta_adapter). The adapter is never "
+            "merged into the base."
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="meta-training run directory (or a meta-state directory)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output adapter directory (replaced atomically)")
+    parser.add_argument(
+        "--task-examples",
+        metavar="FILE",
+        help='jsonl file of {"input": ..., "output": ...} lines of the target task: the task-conditioned '
+        "controller chooses the structure for it and TARP is folded on it",
+    )
+    parser.add_argument("--device", default="cpu", help="device to build the model on (default: cpu)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``deltameta export``."""
+    from deltameta.deltas.export import export_peft
+
+    result = export_peft(args.run_dir, args.out, task_examples=args.task_examples, device=args.device)
+    kept = sum(op != "skip" for op in result.decisions.values())
+    print(f"exported {kept} of {len(result.decisions)} sublayers to {result.path}")
+    return 0

@@ -1,0 +1,507 @@
+"""Export a meta-state as a standard PEFT LoRA adapter, and load it back with the dynamic TARP part.
+
+PEFT's ``PeftType`` enum is closed, so the export is plain ``LORA``:
+
+* LoRA ops are written as they are (``lora_A``, ``lora_B``, ``r``, ``lora_alpha`` per sublayer via
+  ``rank_pattern`` / ``alpha_pattern``); sublayers where the controller chose ``skip`` are left out.
+* TARP ops are folded: ``lora_B' = B Σ̄`` with ``Σ̄`` the mean of ``Σ(x)`` over the tokens of the
+  fold inputs. The fold point is, in order of preference: the given ``fold_inputs``, else the
+  ``task_examples``, else the fold statistics stored in the meta-state during meta-training,
+  else the mean over :data:`DEFAULT_FOLD_TEXT` (a short neutral text). The exact dynamic
+  remainder ``s B (Σ(x) - Σ̄) A x`` goes to the sidecar ``deltameta_tarp.safetensors`` (+
+  ``deltameta_tarp.json``), which :func:`load_meta_adapter` re-attaches on top of ``PeftModel``.
+* The multiplicative (IA3-like) term is not expressible in LoRA: it is kept in the sidecar only
+  (a warning says so).
+
+The adapter is never merged into the base (merging into a 4-bit base would requantize and destroy
+a small delta).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltameta.atomic import atomic_directory
+from deltameta.deltas.config import parse_op
+from deltameta.deltas.model import collect_sigma_means, delta_layers, task_embedding
+from deltameta.deltas.state import MetaState, build_from_meta_state, load_meta_state
+from deltameta.errors import DataError, DeltametaError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SIDECAR = "deltameta_tarp.safetensors"
+SIDECAR_META = "deltameta_tarp.json"
+#: Fold input used when neither task examples nor stored fold statistics exist.
+DEFAULT_FOLD_TEXT = "The quick brown fox jumps over the lazy dog. Question: what is 2 + 3? Answer: 5."
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export_peft` wrote.
+
+    Attributes:
+        path: The adapter directory.
+        decisions: ``{sublayer: op}`` for every candidate (``skip`` included).
+        sigma_bars: ``{sublayer: {op: Σ̄ - I}}`` fold points of the exported TARP ops.
+        fold_source: Where the fold point came from.
+    """
+
+    path: Path
+    decisions: dict[str, str]
+    sigma_bars: dict[str, dict[str, torch.Tensor]]
+    fold_source: str
+
+
+def load_task_examples(source: str | Path | Sequence[str] | Sequence[dict]) -> list[tuple[str, str | None]]:
+    """Read task examples as ``(input, output)`` pairs (``output`` is ``None`` for plain strings).
+
+    Args:
+        source: A jsonl file of ``{"input": ..., "output": ...}`` lines, or a list of strings (or
+            of such dicts).
+
+    Raises:
+        DataError: the file is missing or a line is not such an object (file and line are named).
+    """
+    from_file = isinstance(source, (str, Path))
+    if from_file:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"task examples file '{path}' does not exist.")
+        records: list[tuple[Any, str]] = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((json.loads(line), f"{path}:{number}"))
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg}); each line of a task examples file must be "
+                    'an object {"input": "...", "output": "..."}.'
+                ) from None
+        if not records:
+            raise DataError(f"task examples file '{path}' holds no examples.")
+    else:
+        records = [(item, f"task example {i}") for i, item in enumerate(source)]
+        if not records:
+            raise DataError("task examples: the list is empty.")
+    pairs: list[tuple[str, str | None]] = []
+    for record, where in records:
+        if isinstance(record, str) and not from_file:
+            pairs.append((record, None))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("input"), str) or not isinstance(record.get("output"), str):
+            got = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f'{where}: expected an object with string fields "input" and "output", got {got}.')
+        pairs.append((record["input"], record["output"]))
+    return pairs
+
+
+def read_task_examples(source: str | Path | Sequence[str] | Sequence[dict]) -> list[str]:
+    """Read task examples as texts (``input + "\\n" + output`` for pairs); see :func:`load_task_examples`."""
+    return [text if output is None else text + "\n" + output for text, output in load_task_examples(source)]
+
+
+def _encode(tokenizer, examples: list[tuple[str, str | None]], device, max_length: int):
+    """Tokenize examples the way meta-training encodes support sets when possible.
+
+    Pairs go through ``deltameta.tasks.encoding.encode_examples`` (prompt template + answer) when
+    that module is available, so the task embedding matches the one the controller was trained
+    on; plain strings (and the fallback) are tokenized as they are.
+    """
+    if all(output is not None for _, output in examples):
+        try:
+            from deltameta.tasks.encoding import encode_examples
+            from deltameta.tasks.task import Example
+        except ImportError:
+            encode_examples = None
+        if encode_examples is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                batch = encode_examples(tokenizer, [Example(input=i, target=o) for i, o in examples], max_length=max_length)
+            return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    texts = [text if output is None else text + "\n" + output for text, output in examples]
+    return _tokenize(tokenizer, texts, device, max_length)
+
+
+def _tokenize(tokenizer, texts: list[str], device, max_length: int):
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def export_peft(
+    source: str | Path | MetaState,
+    out_dir: str | Path,
+    task_examples: str | Path | Sequence[str] | None = None,
+    fold_inputs: Sequence[str] | None = None,
+    device: str | None = "cpu",
+    max_length: int = 512,
+) -> ExportResult:
+    """Export a meta-trained run (or meta-state) as a PEFT LoRA adapter directory.
+
+    Args:
+        source: A run directory (its ``final/`` is used), a meta-state directory or a
+            :class:`MetaState`.
+        out_dir: Destination; written atomically.
+        task_examples: jsonl file or list of texts of the target task: the task-conditioned
+            controller chooses the structure from their embedding, and TARP folds on them.
+        fold_inputs: Texts to fold TARP on (overrides ``task_examples`` for the fold).
+        device: Device to build the model on.
+        max_length: Token limit per example.
+
+    Returns:
+        An :class:`ExportResult`.
+
+    Raises:
+        MetaStateError: the run has no finished state.
+        DataError: task examples in a wrong format.
+        DeltametaError: the controller skipped every sublayer.
+    """
+    from peft import LoraConfig
+
+    state = source if isinstance(source, MetaState) else load_meta_state(source)
+    examples = load_task_examples(task_examples) if task_examples is not None else None
+    model, tokenizer, controller = build_from_meta_state(state, device=device)
+    model_device = _device_of(model)
+    layers = delta_layers(model)
+    config = state.delta_config
+
+    probs = None
+    weights = None
+    embedding_source = None
+    if controller is not None:
+        emb = None
+        if controller.mode == "task":
+            if examples:
+                emb = task_embedding(model, *_encode(tokenizer, examples, model_device, max_length))
+                embedding_source = "the given task examples"
+            elif state.task_embedding_mean is not None:
+                emb = state.task_embedding_mean.to(model_device)
+                embedding_source = "the mean task embedding of meta-training"
+            else:
+                emb = task_embedding(model, *_tokenize(tokenizer, [DEFAULT_FOLD_TEXT], model_device, max_length))
+                embedding_source = "a default text (no task examples, no stored mean embedding)"
+                warnings.warn("task-conditioned controller without task examples or a stored mean embedding; "
+                              "the structure is chosen from a default text.", stacklevel=2)
+        with torch.no_grad():
+            probs = controller.probs(emb)
+        decisions = dict(zip(controller.candidates, controller.decide(emb)))
+        weights = controller.decision_weights(list(decisions.values()))
+    else:
+        decisions = {name: layer.op_names[0] for name, layer in layers.items()}
+    kept = {name: op for name, op in decisions.items() if op != "skip"}
+    if not kept:
+        raise DeltametaError("the controller chose 'skip' for every sublayer; there is nothing to export.")
+
+    def op_context():
+        return controller.apply(model, weights) if controller is not None else contextlib.nullcontext()
+
+    # TARP fold point.
+    sigma_bars: dict[str, dict[str, torch.Tensor]] = {}
+    fold_source = "none (no TARP op exported)"
+    tarp_kept = {name: op for name, op in kept.items() if parse_op(op).kind == "tarp"}
+    if tarp_kept:
+        texts = [(t, None) for t in fold_inputs] if fold_inputs else examples
+        if texts:
+            fold_source = "the given fold inputs" if fold_inputs else "the given task examples"
+        elif state.fold_stats:
+            fold_source = "fold statistics stored during meta-training"
+        else:
+            texts = [(DEFAULT_FOLD_TEXT, None)]
+            fold_source = f"the default text {DEFAULT_FOLD_TEXT!r}"
+        if texts:
+            totals: dict[str, dict[str, list]] = {}
+            with op_context():
+                for example in texts:
+                    ids, mask = _encode(tokenizer, [example], model_device, max_length)
+                    for layer, ops in collect_sigma_means(model, ids, mask).items():
+                        for op, (total, count) in ops.items():
+                            slot = totals.setdefault(layer, {}).setdefault(op, [0.0, 0])
+                            slot[0] = slot[0] + total
+                            slot[1] += count
+            stats = {layer: {op: t / max(c, 1) for op, (t, c) in ops.items()} for layer, ops in totals.items()}
+        else:
+            stats = state.fold_stats or {}
+        for name, op in tarp_kept.items():
+            r = parse_op(op).rank
+            bar = stats.get(name, {}).get(op)
+            sigma_bars[name] = {op: (bar if bar is not None else torch.zeros(r, r)).detach().float().cpu()}
+
+    # Adapter tensors and sidecar.
+    tensors: dict[str, torch.Tensor] = {}
+    sidecar: dict[str, torch.Tensor] = {}
+    sidecar_layers: dict[str, Any] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for name, op in kept.items():
+        layer = layers[name]
+        spec = parse_op(op)
+        a = layer.lora_A[op].detach().float().cpu()
+        b = layer.lora_B[op].detach().float().cpu()
+        folded_b = b
+        if spec.kind == "tarp":
+            folded_b = b @ (torch.eye(spec.rank) + sigma_bars[name][op])
+            sidecar[f"{name}.lora_A"] = a.contiguous()
+            sidecar[f"{name}.lora_B"] = b.contiguous()
+            sidecar[f"{name}.tarp_sigma"] = layer.tarp_sigma[op].detach().float().cpu().contiguous()
+            sidecar[f"{name}.sigma_bar"] = sigma_bars[name][op].contiguous()
+        if config.multiplicative:
+            sidecar[f"{name}.mult"] = layer.mult[op].detach().float().cpu().contiguous()
+        if spec.kind == "tarp" or config.multiplicative:
+            sidecar_layers[name] = {
+                "op": op,
+                "kind": spec.kind,
+                "rank": spec.rank,
+                "scaling": layer.scaling[op],
+                "sigma_input": config.tarp_sigma_input,
+                "multiplicative": config.multiplicative,
+            }
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = folded_b.contiguous()
+        rank_pattern[name] = spec.rank
+        alpha_pattern[name] = config.alpha
+    if config.multiplicative:
+        warnings.warn(
+            "the multiplicative (IA3-like) term cannot be expressed as LoRA; it is saved only in the sidecar "
+            f"{SIDECAR} and applied by deltameta.load_meta_adapter, not by plain PeftModel.from_pretrained.",
+            stacklevel=2,
+        )
+    default_rank = collections.Counter(rank_pattern.values()).most_common(1)[0][0]
+    lora_config = LoraConfig(
+        r=default_rank,
+        lora_alpha=config.alpha,
+        target_modules=list(kept),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=state.base["base_model_name_or_path"],
+        inference_mode=True,
+    )
+
+    table = controller.decision_table(list(decisions.values()), probs[0] if probs is not None and probs.dim() == 3 else probs) if controller else None
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        lora_config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if sidecar:
+            save_file(sidecar, str(tmp / SIDECAR))
+            meta = {"format": 1, "fold_source": fold_source, "layers": sidecar_layers}
+            (tmp / SIDECAR_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if controller is not None:
+            (tmp / "controller_decisions.txt").write_text(table, encoding="utf-8")
+            controller.decision_heatmap(tmp / "controller_decisions.png", list(decisions.values()), probs,
+                                        title=f"controller decisions ({controller.mode})")
+        card = _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, bool(sidecar))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    logger.info("exported %d sublayers to %s", len(kept), out_dir)
+    return ExportResult(path=out_dir, decisions=decisions, sigma_bars=sigma_bars, fold_source=fold_source)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value == {} or value == []:
+        return "_not recorded_"
+    if isinstance(value, (dict, list)):
+        return "```json\n" + json.dumps(value, indent=2, default=str) + "\n```"
+    return str(value)
+
+
+def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, has_sidecar) -> str:
+    base = state.base
+    extra = state.extra
+    config = state.delta_config
+    ranks = collections.Counter(f"{op}" for op in kept.values())
+    lines = [
+        "---",
+        f"base_model: {base['base_model_name_or_path']}",
+        "library_name: peft",
+        "tags: [deltameta, lora, meta-learning]",
+        "---",
+        "",
+        f"# deltameta meta-adapter for {base['base_model_name_or_path']}",
+        "",
+        "A low-rank adapter meta-learned with MAML by deltameta on a frozen base, "
+        "exported as a standard PEFT LoRA adapter (unmerged).",
+        "",
+        "## Base model",
+        "",
+        f"- base model: `{base['base_model_name_or_path']}` (deltameta name `{base.get('name')}`)",
+        f"- revision: {extra.get('revision') or base.get('revision') or '_not recorded_'}",
+        f"- quantization during meta-training: `{base.get('quantization')}` (compute dtype `{base.get('compute_dtype')}`, "
+        f"double quant: {base.get('double_quant')})",
+        "- never merge this adapter into a 4-bit base: requantization destroys a small delta.",
+        "",
+        "## Adapter",
+        "",
+        f"- delta: `{config.delta}`, controller: `{config.controller}`, candidate ops: "
+        + ", ".join(op.name for op in config.layer_ops()),
+        f"- sublayers kept: {len(kept)} of {len(decisions)}; ops: "
+        + ", ".join(f"{op} x{n}" for op, n in sorted(ranks.items())),
+        f"- lora_alpha: {config.alpha}; ranks per sublayer in `rank_pattern`",
+        f"- TARP fold point: {fold_source}",
+    ]
+    if embedding_source:
+        lines.append(f"- structure chosen from: {embedding_source}")
+    if has_sidecar:
+        lines.append(
+            f"- exact dynamic part (TARP Σ(x) and/or multiplicative term) in `{SIDECAR}`: load with "
+            "`deltameta.load_meta_adapter(base, DIR)` to reproduce the meta-trained model exactly; "
+            "plain PEFT gives the static fold."
+        )
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "from peft import PeftModel",
+        f'base = AutoModelForCausalLM.from_pretrained("{base["base_model_name_or_path"]}")',
+        'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/DIR")',
+        "```",
+        "",
+        "## Task distribution",
+        "",
+        _fmt(extra.get("task_distribution") or extra.get("splits")),
+        "",
+        "## Recipe",
+        "",
+        _fmt(extra.get("recipe") or extra.get("config")),
+    ]
+    if extra.get("command"):
+        lines += ["", "Command:", "", "```", str(extra["command"]), "```"]
+    lines += ["", "## Metrics", "", _fmt(extra.get("metrics") or extra.get("validation")), ""]
+    if table:
+        lines += ["## Controller decisions", "", "```", table.rstrip("\n"), "```", "",
+                  "Heatmap: `controller_decisions.png`.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _base_identity(base_model: nn.Module) -> tuple[str | None, bool]:
+    info = getattr(base_model, "deltameta_base", None)
+    if info is not None:
+        return info.base_model_name_or_path, True
+    name = getattr(base_model, "name_or_path", None) or getattr(getattr(base_model, "config", None), "_name_or_path", None)
+    return name, False
+
+
+def check_adapter_fits(base_model: nn.Module, directory: str | Path) -> None:
+    """Raise unless the adapter in ``directory`` was exported for ``base_model``.
+
+    Raises:
+        ModelLoadError: the base's modules or shapes do not fit, or a deltameta base has a
+            different name (both names are given).
+    """
+    directory = Path(directory)
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"'{directory}' holds no adapter_config.json; is it a deltameta/PEFT export?")
+    adapter_cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    expected = adapter_cfg.get("base_model_name_or_path")
+    actual, known = _base_identity(base_model)
+    weights = load_file(str(directory / "adapter_model.safetensors"))
+    problems = []
+    for module_name in adapter_cfg.get("target_modules") or []:
+        try:
+            module = base_model.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"module '{module_name}' is missing")
+            continue
+        a = weights.get(f"base_model.model.{module_name}.lora_A.weight")
+        b = weights.get(f"base_model.model.{module_name}.lora_B.weight")
+        in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if a is not None and b is not None and (a.shape[1] != in_f or b.shape[0] != out_f):
+            problems.append(f"'{module_name}' is {in_f}->{out_f} but the adapter expects {a.shape[1]}->{b.shape[0]}")
+    if problems:
+        raise ModelLoadError(
+            f"the adapter in '{directory}' was exported for base model '{expected}', which does not match the "
+            f"given base model '{actual}': " + "; ".join(problems[:3]) + "."
+        )
+    if expected and actual and expected != actual:
+        message = (f"the adapter in '{directory}' was exported for base model '{expected}', but the given base "
+                   f"model is '{actual}'")
+        if known:
+            raise ModelLoadError(message + "; load the matching base (deltameta.base.load_base).")
+        warnings.warn(message + " (shapes fit; continuing).", stacklevel=3)
+
+
+def load_meta_adapter(base_model: nn.Module, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False):
+    """Load an export with PEFT and re-attach its exact dynamic part (TARP Σ(x), multiplicative term).
+
+    Args:
+        base_model: The frozen base (``transformers`` model; 4-bit or full precision).
+        directory: An export of :func:`export_peft`.
+        adapter_name: PEFT adapter name.
+        is_trainable: Passed to ``PeftModel.from_pretrained``.
+
+    Returns:
+        The ``PeftModel``; with a sidecar, forward hooks on the LoRA modules add
+        ``s B (Σ(x) - Σ̄) A x`` (and ``m ⊙ W0 x``), so it computes the meta-trained (dynamic) model.
+        The hook handles are in ``peft_model.deltameta_hooks``.
+
+    Raises:
+        ModelLoadError: the base model does not match the adapter.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    check_adapter_fits(base_model, directory)
+    peft_model = PeftModel.from_pretrained(base_model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable)
+    handles = []
+    if (directory / SIDECAR).is_file():
+        meta_file = directory / SIDECAR_META
+        if not meta_file.is_file():
+            raise DeltametaError(f"'{directory}' has {SIDECAR} but lacks {SIDECAR_META}.")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / SIDECAR))
+        root = peft_model.base_model.model
+        for name, info in meta["layers"].items():
+            module = root.get_submodule(name)
+            device = next(module.parameters()).device
+            parts = {k.removeprefix(name + "."): v.to(device) for k, v in tensors.items() if k.startswith(name + ".") and "." not in k.removeprefix(name + ".")}
+            handles.append(module.register_forward_hook(_dynamic_hook(info, parts)))
+    peft_model.deltameta_hooks = handles
+    return peft_model
+
+
+def _dynamic_hook(info: dict[str, Any], parts: dict[str, torch.Tensor]):
+    rank, scaling = int(info["rank"]), float(info["scaling"])
+    tarp = info["kind"] == "tarp"
+    projected = info.get("sigma_input", "projected") == "projected"
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        dtype = x.dtype
+        extra = None
+        if tarp:
+            a = parts["lora_A"].to(dtype)
+            b = parts["lora_B"].to(dtype)
+            z = x @ a.T
+            s = ((z if projected else x) @ parts["tarp_sigma"].to(dtype).T)
+            s = s.reshape(*s.shape[:-1], rank, rank) - parts["sigma_bar"].to(dtype)
+            extra = (torch.matmul(s, z.unsqueeze(-1)).squeeze(-1) @ b.T) * scaling
+        if "mult" in parts:
+            base_out = module.base_layer(x).to(dtype)
+            term = base_out * parts["mult"].to(dtype)
+            extra = term if extra is None else extra + term
+        return output if extra is None else output + extra.to(output.dtype)
+
+    return hook

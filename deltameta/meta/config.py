@@ -1,0 +1,160 @@
+"""``MetaTrainConfig``: every key of ``deltameta meta-train`` (recipes and ``key=value``).
+
+The defaults are the embedded default run: ``smollm2-135m`` in NF4, the built-in task families,
+TARP deltas with a global architecture controller, first-order MAML, sized to finish on a 2-core
+CPU in under 10 minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from deltameta.config import field
+from deltameta.errors import ConfigError
+
+ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask")
+
+
+@dataclasses.dataclass
+class MetaTrainConfig:
+    """Configuration of a meta-training run (see ``deltameta meta-train --help``)."""
+
+    # base model
+    model: str = field("smollm2-135m", "base model: alias (smollm2-135m, tiny-random-llama), local dir or hub id")
+    quantization: Literal["nf4", "fp4", "none"] = field("nf4", "4-bit quantization of the frozen base")
+    double_quant: bool = field(False, "double-quantize the 4-bit constants")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    device: str = field("auto", "cpu, cuda, cuda:N or auto")
+    gradient_checkpointing: bool = field(False, "recompute activations in backward (first-order algorithms only)")
+
+    # tasks
+    tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file")
+    splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios like train=0.8,validation=0.2")
+    train_split: str = field("train", "split used for meta-training")
+    val_split: str = field("validation", "held-out split for validation ('' to skip)")
+    builtin_tasks_per_family: int = field(16, "tasks generated per built-in family")
+    builtin_examples_per_task: int = field(64, "examples per built-in task")
+    task_weights: str = field("uniform", "episode task weighting: uniform, family or examples")
+    balanced: bool = field(False, "class-balanced support/query for multiple choice")
+    shots: int = field(4, "support examples per task (k)")
+    query_size: int = field(4, "query examples per task")
+    max_length: int = field(128, "maximum tokens per example")
+
+    # deltas and controller
+    delta: Literal["lora", "tarp"] = field("tarp", "adapter delta: lora or tarp (dynamic low-rank)")
+    rank: int = field(8, "adapter rank (without controller)")
+    alpha: float = field(16.0, "LoRA alpha (scaling alpha/rank)")
+    target_modules: list[str] = field(["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], "sublayers that get deltas")
+    ops: list[str] = field(["tarp-8", "lora-4", "skip"], "controller op choices (skip, lora-R, tarp-R); ties go to the first")
+    controller: Literal["none", "global", "task"] = field("global", "architecture controller: none, global or task")
+    controller_lr: float = field(0.05, "controller learning rate (outer loop)")
+    tau_start: float = field(2.0, "Gumbel-softmax temperature at the start")
+    tau_end: float = field(0.5, "Gumbel-softmax temperature at the end")
+    tau_schedule: Literal["exponential", "linear"] = field("exponential", "temperature schedule")
+    budget_target: float = field(0.5, "target expected adapted parameters, fraction of the maximum")
+    budget_weight: float = field(0.1, "weight of the parameter-budget regulariser")
+    entropy_weight: float = field(0.0, "weight of the controller entropy term")
+
+    # meta-learning
+    algorithm: Literal["fomaml", "maml", "reptile", "metasgd", "multitask"] = field("fomaml", "meta-learning algorithm")
+    first_order: bool | None = field(None, "metasgd: drop second-order terms (default: first-order except maml)")
+    inner_steps: int = field(2, "inner SGD steps on the support set")
+    inner_lr: float = field(0.05, "inner learning rate (metasgd: initial value)")
+    inner_clip: float = field(1.0, "inner gradient norm clipping (0: off)")
+    outer_steps: int = field(40, "outer (meta) steps")
+    meta_batch_size: int = field(4, "tasks per meta-batch (gradient accumulation over tasks)")
+    task_batched: bool = field(False, "run the meta-batch's tasks in one batched forward/backward")
+    outer_lr: float = field(3e-3, "AdamW learning rate of the deltas")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    warmup_steps: int = field(4, "linear warmup steps before cosine decay")
+    min_lr_ratio: float = field(0.1, "final lr as a fraction of outer_lr")
+    meta_clip: float = field(1.0, "meta-gradient norm clipping (0: off)")
+    max_nonfinite: int = field(5, "stop after this many non-finite steps in a row")
+
+    # validation, checkpoints, output
+    eval_every: int = field(10, "validate every N outer steps (0: only at the end)")
+    eval_tasks: int = field(8, "held-out episodes per validation")
+    checkpoint_every: int = field(10, "checkpoint every N outer steps (0: only at the end)")
+    keep_checkpoints: int = field(2, "number of recent checkpoints kept")
+    seed: int = field(0, "seed of everything (tasks, episodes, init, Gumbel noise)")
+    output_dir: str = field("runs/meta-train", "run directory")
+    export: bool = field(True, "write the PEFT export of the final meta-adapter into RUN_DIR/peft")
+    plots: bool = field(True, "write PNG plots of the curves")
+    progress: bool = field(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Check ranges and combinations.
+
+        Raises:
+            ConfigError: naming the key, its value and what is valid.
+        """
+        positive = ("inner_steps", "outer_steps", "meta_batch_size", "query_size", "max_length", "rank",
+                    "builtin_tasks_per_family", "builtin_examples_per_task", "eval_tasks", "keep_checkpoints", "max_nonfinite")
+        for key in positive:
+            value = getattr(self, key)
+            minimum = 0 if key == "inner_steps" and self.algorithm == "multitask" else 1
+            if value < minimum:
+                raise ConfigError(f"{key}={value}: expected an integer >= {minimum}.")
+        for key in ("shots", "warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
+        if self.shots == 0 and self.algorithm != "multitask":
+            raise ConfigError(f"shots=0 leaves nothing to adapt on; algorithm={self.algorithm} needs shots >= 1.")
+        for key in ("inner_lr", "outer_lr", "controller_lr", "tau_start", "tau_end", "alpha"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: expected a positive number.")
+        for key in ("inner_clip", "meta_clip", "weight_decay", "budget_weight", "entropy_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: expected a number >= 0.")
+        if not 0 < self.budget_target <= 1:
+            raise ConfigError(f"budget_target={self.budget_target}: expected a fraction in (0, 1].")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected a fraction in [0, 1].")
+        if self.task_weights not in ("uniform", "family", "examples"):
+            raise ConfigError(f"task_weights='{self.task_weights}': expected uniform, family or examples.")
+        if self.gradient_checkpointing and self.algorithm not in ("fomaml", "reptile", "multitask"):
+            raise ConfigError(
+                f"gradient_checkpointing=true needs a first-order algorithm without learned inner rates "
+                f"(algorithm={self.algorithm}); use algorithm=fomaml, reptile or multitask."
+            )
+        if self.gradient_checkpointing and self.task_batched:
+            raise ConfigError("gradient_checkpointing=true runs tasks one by one; set task_batched=false.")
+        if self.first_order is False and self.algorithm in ("fomaml", "reptile", "multitask"):
+            raise ConfigError(f"first_order=false contradicts algorithm={self.algorithm}; use algorithm=maml or metasgd.")
+        if self.first_order is True and self.algorithm == "maml":
+            raise ConfigError("first_order=true with algorithm=maml is algorithm=fomaml; pick one.")
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty; give a directory for the run.")
+        if self.controller != "none":
+            from deltameta.deltas.config import parse_op
+
+            for op in self.ops:
+                parse_op(op)
+
+    def is_first_order(self) -> bool:
+        """Whether the inner loop drops second-order terms."""
+        if self.algorithm == "maml":
+            return False
+        if self.algorithm == "metasgd":
+            return self.first_order is not False
+        return True
+
+    def delta_config(self):
+        """Return the :class:`~deltameta.deltas.config.DeltaConfig` these keys describe."""
+        from deltameta.deltas.config import DeltaConfig
+
+        return DeltaConfig(
+            delta=self.delta,
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            ops=list(self.ops),
+            controller=self.controller,
+            tau_start=self.tau_start,
+            tau_end=self.tau_end,
+            tau_schedule=self.tau_schedule,
+            budget_target=self.budget_target,
+            budget_weight=self.budget_weight,
+            entropy_weight=self.entropy_weight,
+        )

@@ -1,0 +1,166 @@
+"""The data side of meta-training: task splits, episode samplers and encoded batches.
+
+A thin layer over :mod:`deltameta.tasks` that turns a :class:`~deltameta.meta.config.MetaTrainConfig`
+into train / validation samplers and an episode's examples into token batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+from deltameta.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TaskSplits:
+    """The meta-train and held-out task collections.
+
+    Attributes:
+        train: Meta-training tasks.
+        validation: Held-out tasks (other families), or ``None`` when no split holds any.
+        names: Split name -> number of tasks (for the run's record).
+    """
+
+    train: Any
+    validation: Any | None
+    names: dict[str, int]
+
+
+def load_splits(config: Any) -> TaskSplits:
+    """Read ``config.tasks`` and split it by family into meta-train and validation.
+
+    Args:
+        config: A :class:`~deltameta.meta.config.MetaTrainConfig`.
+
+    Returns:
+        The splits.
+
+    Raises:
+        ConfigError: the train or validation split named in the config does not exist.
+        DataError: the source cannot be read or has too few examples per task.
+    """
+    from deltameta.tasks.loader import load_tasks
+
+    kwargs: dict[str, Any] = dict(seed=config.seed, splits=config.splits)
+    if str(config.tasks).startswith("builtin"):
+        kwargs.update(builtin_tasks_per_family=config.builtin_tasks_per_family,
+                      builtin_examples_per_task=config.builtin_examples_per_task)
+    result = load_tasks(config.tasks, **kwargs)
+    if not isinstance(result, dict):
+        return TaskSplits(result, None, {"train": len(result)})
+    names = {name: len(collection) for name, collection in result.items()}
+    if config.train_split not in result:
+        raise ConfigError(
+            f"train_split='{config.train_split}' is not a split of tasks='{config.tasks}' with splits='{config.splits}'; "
+            f"the splits are: {', '.join(result)}."
+        )
+    validation = None
+    if config.val_split:
+        if config.val_split not in result:
+            raise ConfigError(
+                f"val_split='{config.val_split}' is not a split of tasks='{config.tasks}' with splits='{config.splits}'; "
+                f"the splits are: {', '.join(result)} (or set val_split='' to skip validation)."
+            )
+        validation = result[config.val_split]
+        if len(validation) == 0:
+            validation = None
+    return TaskSplits(result[config.train_split], validation, names)
+
+
+def make_sampler(collection: Any, config: Any, seed: int, what: str) -> Any:
+    """Build an :class:`~deltameta.tasks.episodes.EpisodeSampler`, with a clear error for k too large.
+
+    Args:
+        collection: Tasks to sample from.
+        config: The meta-train config (``shots``, ``query_size``, ``task_weights``, ``balanced``).
+        seed: Seed of the episode stream.
+        what: ``meta-train`` or ``validation`` (for messages).
+
+    Raises:
+        ConfigError: ``shots + query_size`` exceeds every task's number of examples.
+    """
+    from deltameta.tasks.episodes import EpisodeSampler
+
+    needed = config.shots + config.query_size
+    sizes = [len(task) for task in collection]
+    too_small = [task.name for task in collection if len(task) < needed]
+    if sizes and len(too_small) == len(sizes):
+        raise ConfigError(
+            f"shots={config.shots} + query_size={config.query_size} = {needed} examples per episode, but every "
+            f"{what} task has fewer (largest: {max(sizes)} examples); lower shots/query_size"
+            + (" or raise builtin_examples_per_task." if str(config.tasks).startswith("builtin") else ".")
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sampler = EpisodeSampler(collection, config.shots, config.query_size, seed=seed,
+                                     task_weights=config.task_weights, balanced=config.balanced)
+        except DataError as error:
+            raise ConfigError(f"{what} tasks: {error}") from error
+    for warning in caught:
+        logger.warning("%s tasks: %s", what, warning.message)
+    return sampler
+
+
+def encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int) -> dict[str, torch.Tensor]:
+    """Encode examples of ``task`` with the loss on the target only.
+
+    Uses :func:`deltameta.tasks.encode_examples` when available; otherwise renders the task's
+    prompt template itself (prompt tokens are masked with -100, inputs left-truncated, batch
+    right-padded).
+
+    Args:
+        tokenizer: The base model's tokenizer.
+        task: The episode's task (its template is used).
+        examples: The examples to encode.
+        max_length: Maximum sequence length in tokens.
+
+    Returns:
+        ``{input_ids, attention_mask, labels}`` as ``[n, L]`` tensors.
+    """
+    encoder = _task_encoder()
+    if encoder is not None:
+        out = encoder(tokenizer, list(examples), template=getattr(task, "template", None), max_length=max_length)
+        return {k: out[k] for k in ("input_ids", "attention_mask", "labels")}
+    return _fallback_encode(tokenizer, task, examples, max_length)
+
+
+def _task_encoder():
+    for module_name in ("deltameta.tasks", "deltameta.tasks.encoding", "deltameta.tasks.encode"):
+        try:
+            module = __import__(module_name, fromlist=["encode_examples"])
+        except ImportError:
+            continue
+        if hasattr(module, "encode_examples"):
+            return module.encode_examples
+    return None
+
+
+def _fallback_encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int) -> dict[str, torch.Tensor]:
+    template = task.template
+    rows = []
+    for example in examples:
+        prompt = tokenizer(template.render_prompt(example), add_special_tokens=False)["input_ids"]
+        target = tokenizer(template.render_target(example.target), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            target = target + [tokenizer.eos_token_id]
+        target = target[:max_length - 1]
+        prompt = prompt[-(max_length - len(target)):]
+        rows.append((prompt + target, [-100] * len(prompt) + target))
+    length = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (tokens, lab) in enumerate(rows):
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(tokens)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,215 @@
+"""The run directory: resolved config, metrics (JSONL, TensorBoard), plots and status.
+
+Layout of ``RUN_DIR``::
+
+    run.json             status (running / finished / failed), versions, times
+    config.yaml          the resolved config (recipe + overrides + defaults)
+    metrics.jsonl        one JSON object per outer step and per validation
+    tensorboard/         TensorBoard events (when tensorboard is installed)
+    plots/*.png          training and validation curves, controller decisions
+    checkpoints/step-*/  the last N training checkpoints (see :mod:`deltameta.meta.checkpoint`)
+    best/                meta-state with the best held-out query loss after adaptation
+    final/               the final meta-state (see :mod:`deltameta.deltas.state`)
+    peft/                the PEFT export of the final meta-adapter
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from deltameta.atomic import atomic_write_text
+from deltameta.config import config_to_yaml
+from deltameta.errors import ConfigError
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PLOTS_DIR = "plots"
+#: Files or folders whose presence marks a directory as (part of) a deltameta run.
+RUN_MARKERS = (RUN_FILE, CONFIG_FILE, METRICS_FILE, "checkpoints", "final")
+
+
+def holds_run(path: Path) -> bool:
+    """Return whether ``path`` holds a deltameta run."""
+    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Check (and with ``overwrite``, clear) the output directory of a new run.
+
+    Args:
+        path: ``output_dir``.
+        overwrite: Remove a previous run found there.
+        resume: The caller resumes the run there (the directory must hold a run).
+
+    Returns:
+        The directory (created).
+
+    Raises:
+        ConfigError: it holds another run (and neither ``overwrite`` nor ``resume``), or holds
+            files that are not a deltameta run, or ``resume`` finds no run.
+    """
+    path = Path(path).expanduser()
+    if resume:
+        if not holds_run(path):
+            raise ConfigError(f"--resume {path}: no deltameta run there (expected {CONFIG_FILE} and checkpoints/).")
+        return path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir='{path}' is a file; give a directory.")
+    if holds_run(path):
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir='{path}' already holds a run; pass --overwrite to replace it, --resume {path} to "
+                "continue it, or choose another output_dir=..."
+            )
+        shutil.rmtree(path)
+    elif path.is_dir() and any(path.iterdir()):
+        raise ConfigError(
+            f"output_dir='{path}' is not empty and holds no deltameta run; refusing to write into it "
+            "(even with --overwrite). Choose an empty or new directory."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(run_dir: Path, config: Any) -> None:
+    """Write the resolved config as ``config.yaml``."""
+    atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(config))
+
+
+def write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """Write ``run.json`` (status, time, versions, plus ``extra``), keeping earlier fields."""
+    import torch
+
+    path = run_dir / RUN_FILE
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            data = {}
+    data.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    data.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
+                python=platform.python_version())
+    try:
+        from importlib.metadata import version
+
+        data["deltameta"] = version("deltameta")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        pass
+    data.update(extra)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+class MetricsLog:
+    """Append-only metrics: ``metrics.jsonl`` plus TensorBoard scalars when available.
+
+    On resume, rows after the resumed step are dropped first so the file matches an
+    uninterrupted run.
+
+    Args:
+        run_dir: The run directory.
+        tensorboard: Also write TensorBoard events (if ``tensorboard`` is importable).
+        truncate_after: Drop existing rows with ``step`` greater than this (resume).
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, truncate_after: int | None = None) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if truncate_after is None or row.get("step", 0) <= truncate_after:
+                        self.rows.append(row)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard not installed
+                self.writer = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one row (``step`` and ``kind`` plus numbers)."""
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(f"{row.get('kind', 'train')}/{key}", value, row.get("step", 0))
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        """Return the rows of one kind (``train`` or ``validation``)."""
+        return [r for r in self.rows if r.get("kind") == kind]
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_plots(run_dir: Path, rows: Iterable[dict[str, Any]]) -> list[Path]:
+    """Write PNG plots of the training and validation curves into ``RUN_DIR/plots``.
+
+    Returns:
+        The files written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    out = run_dir / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    train = [r for r in rows if r.get("kind") == "train"]
+    val = [r for r in rows if r.get("kind") == "validation"]
+
+    def series(data, key):
+        points = [(r["step"], r[key]) for r in data if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    panels = [
+        ("losses.png", "meta-training losses", train, [("support_before", "support loss (before)"),
+                                                        ("query_after", "query loss (after adaptation)")]),
+        ("validation.png", "held-out tasks: query loss", val, [("query_before", "before adaptation"),
+                                                                ("query_after", "after adaptation")]),
+        ("controller.png", "controller", train, [("controller_entropy", "entropy (nats)"),
+                                                  ("controller_budget", "expected params / max")]),
+        ("throughput.png", "throughput", train, [("tokens_per_s", "tokens/s")]),
+    ]
+    for name, title, data, keys in panels:
+        curves = [(label, *series(data, key)) for key, label in keys]
+        if not any(xs for _, xs, _ in curves):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for label, xs, ys in curves:
+            if xs:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel("outer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    return written

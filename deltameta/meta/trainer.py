@@ -1,0 +1,510 @@
+"""The outer loop of meta-training: meta-batches, optimizers, validation, checkpoints, outputs.
+
+:class:`MetaTrainer` runs a :class:`~deltameta.meta.config.MetaTrainConfig` end to end:
+
+1. load the frozen base, inject the deltas (seeded), build the controller and the algorithm;
+2. per outer step: sample a meta-batch of episodes, accumulate each task's meta-gradient
+   (looped, or task-batched), add the controller's budget/entropy regularisers, skip the step
+   if anything is non-finite (stopping after ``max_nonfinite`` in a row), clip, and step AdamW
+   (warmup + cosine) for the deltas and Adam for the controller (own lr, temperature schedule);
+3. periodically validate on held-out tasks (query loss before/after adaptation), keep the best
+   meta-state, checkpoint atomically (last N);
+4. at the end write the final meta-state, the PEFT export, plots and the run status.
+
+A run resumed from its last checkpoint reproduces the uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from deltameta.errors import DeltametaError
+from deltameta.meta import checkpoint as ckpt
+from deltameta.meta import data
+from deltameta.meta.algorithms import InnerLoop, MetaAlgorithm, TaskResult, _mean_results, evaluate_task, make_algorithm
+from deltameta.meta.config import MetaTrainConfig
+from deltameta.meta.run_dir import MetricsLog, write_config, write_plots, write_status
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(DeltametaError):
+    """Meta-training had to stop (e.g. too many non-finite steps in a row)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        run_dir: The run directory.
+        steps: Outer steps completed.
+        skipped: Steps skipped because a loss or gradient was not finite.
+        initial_validation: ``(query_before, query_after)`` on held-out tasks at step 0.
+        final_validation: The same after the last step.
+        best_validation: Lowest held-out query loss after adaptation seen.
+        seconds: Wall-clock time of the training loop.
+        export_error: Why the PEFT export failed, or ``None``.
+    """
+
+    run_dir: Path
+    steps: int
+    skipped: int
+    initial_validation: tuple[float, float] | None
+    final_validation: tuple[float, float] | None
+    best_validation: float | None
+    seconds: float
+    export_error: str | None = None
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Return the lr multiplier: linear warmup over ``warmup`` steps, then cosine to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(total - warmup, 1)
+        progress = min(max(step - warmup, 0) / span, 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss / 2**20
+    except ImportError:  # pragma: no cover
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetaTrainer:
+    """Runs one meta-training run.
+
+    Args:
+        config: The resolved config.
+        run_dir: An existing (prepared) run directory.
+        resume: Continue from the newest checkpoint in ``run_dir``.
+        model: Optional preloaded base ``(model, tokenizer)`` (fresh, without deltas); by default
+            the base named by ``config.model`` is loaded.
+    """
+
+    def __init__(self, config: MetaTrainConfig, run_dir: str | Path, resume: bool = False,
+                 model: tuple[nn.Module, Any] | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self._preloaded = model
+        self.step = 0
+        self.skipped = 0
+        self.nonfinite_run = 0
+        self.best: float | None = None
+        self.tokens_total = 0
+        self.initial_validation: tuple[float, float] | None = None
+        self.last_validation: tuple[float, float] | None = None
+        self._setup()
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.device = _resolve_device(c.device)
+        if self._preloaded is not None:
+            self.model, self.tokenizer = self._preloaded
+        else:
+            from deltameta.base import load_base
+
+            dtype = None if c.compute_dtype == "auto" else c.compute_dtype
+            self.model, self.tokenizer = load_base(c.model, c.quantization, compute_dtype=dtype,
+                                                   double_quant=c.double_quant, device=self.device, seed=c.seed)
+        from deltameta.deltas import ArchController, delta_parameters, inject_deltas
+
+        if c.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train()  # HF checkpoints only in training mode; there is no dropout in the frozen base
+        self.delta_config = c.delta_config()
+        torch.manual_seed(c.seed)
+        inject_deltas(self.model, self.delta_config)
+        self.params = delta_parameters(self.model)
+        self.controller = ArchController.for_model(self.model, self.delta_config) if c.controller != "none" else None
+        self.generator = torch.Generator().manual_seed(c.seed + 1)
+        inner = InnerLoop(steps=c.inner_steps, lr=c.inner_lr, first_order=c.is_first_order(), clip=c.inner_clip or None)
+        self.algorithm: MetaAlgorithm = make_algorithm(
+            c.algorithm, self.model, self.params, inner,
+            loss_fn_factory=lambda m, groups: _lm_loss_fn(m, groups),
+        )
+        self.algorithm.inplace = bool(c.gradient_checkpointing)
+        groups = [{"params": list(self.params.values()), "weight_decay": c.weight_decay}]
+        extra = list(self.algorithm.extra_parameters().values())
+        if extra:
+            groups.append({"params": extra, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=c.outer_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(c.warmup_steps, c.outer_steps, c.min_lr_ratio))
+        self.controller_optimizer = (
+            torch.optim.Adam(self.controller.parameters(), lr=c.controller_lr) if self.controller is not None else None
+        )
+        self.splits = data.load_splits(c)
+        self.sampler = data.make_sampler(self.splits.train, c, c.seed, "meta-train")
+        self.val_batches = []
+        if self.splits.validation is not None:
+            val_sampler = data.make_sampler(self.splits.validation, c, c.seed + 7919, "validation")
+            self.val_batches = [self._encode(val_sampler.episode(i)) for i in range(c.eval_tasks)]
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        start_step = 0
+        if self.resume:
+            start_step = self._load_latest()
+        self.metrics = MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None)
+
+    def _encode(self, episode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        support = data.encode(self.tokenizer, episode.task, episode.support, self.config.max_length)
+        query = data.encode(self.tokenizer, episode.task, episode.query, self.config.max_length)
+        move = lambda b: {k: v.to(self.device) for k, v in b.items()}  # noqa: E731
+        return move(support), move(query)
+
+    # ------------------------------------------------------------------------------ controller
+
+    def _embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.controller is None or self.controller.mode != "task":
+            return None
+        from deltameta.deltas import task_embedding
+
+        return task_embedding(self.model, batch["input_ids"], batch["attention_mask"])
+
+    def _sample_weights(self, supports: list[dict[str, torch.Tensor]], tau: float) -> torch.Tensor | None:
+        """One straight-through Gumbel sample per task: ``[n_sub, n_ops]`` or ``[T, n_sub, n_ops]``."""
+        if self.controller is None:
+            return None
+        samples = []
+        for support in supports:
+            weights = self.controller(self._embedding(support), tau=tau, hard=True, generator=self.generator)
+            samples.append(weights.to(self.device))
+        return samples[0] if len(samples) == 1 else torch.stack(samples)
+
+    def _decided_weights(self, support: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.controller is None:
+            return None
+        return self.controller.decision_weights(self.controller.decide(self._embedding(support)))
+
+    def _apply(self, weights: torch.Tensor | None):
+        return self.controller.apply(self.model, weights) if weights is not None else contextlib.nullcontext()
+
+    def _controller_regularisers(self, supports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Back-propagate the budget and entropy terms; return the controller's statistics."""
+        c = self.config
+        emb = None
+        if self.controller.mode == "task":
+            emb = torch.stack([self._embedding(s) for s in supports])
+        probs = self.controller.probs(emb)
+        maximum = self.controller.max_params()
+        budget = self.controller.budget_loss(c.budget_target * maximum, probs=probs)
+        entropy = self.controller.entropy(probs=probs)
+        loss = c.budget_weight * budget + c.entropy_weight * entropy
+        if loss.requires_grad:
+            loss.backward()
+        return {
+            "controller_entropy": float(entropy.detach()),
+            "controller_budget": float(self.controller.expected_params(probs=probs).detach()) / maximum,
+            "controller_budget_loss": float(budget.detach()),
+        }
+
+    # ------------------------------------------------------------------------------ steps
+
+    def _meta_parameters(self) -> list[torch.Tensor]:
+        params = list(self.algorithm.meta_parameters().values())
+        if self.controller is not None:
+            params += list(self.controller.parameters())
+        return params
+
+    def train_step(self) -> dict[str, Any]:
+        """Run one outer step; return its metrics row."""
+        from deltameta.deltas import temperature
+
+        c = self.config
+        started = time.perf_counter()
+        tau = temperature(self.step, c.outer_steps, c.tau_start, c.tau_end, c.tau_schedule)
+        episodes = self.sampler.sample_batch(c.meta_batch_size)
+        encoded = [self._encode(e) for e in episodes]
+        supports = [s for s, _ in encoded]
+        queries = [q for _, q in encoded]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.controller_optimizer is not None:
+            self.controller_optimizer.zero_grad(set_to_none=True)
+        scale = 1.0 / len(encoded)
+        if c.task_batched and len(encoded) > 1:
+            with self._apply(self._sample_weights(supports, tau)):
+                result = self.algorithm.tasks_step_batched(supports, queries, scale, self.pad_id)
+        else:
+            results: list[TaskResult] = []
+            for support, query in encoded:
+                with self._apply(self._sample_weights([support], tau)):
+                    results.append(self.algorithm.task_step(support, query, scale))
+            result = _mean_results(results)
+        row: dict[str, Any] = {"kind": "train", "step": self.step + 1, "lr": self.scheduler.get_last_lr()[0], "tau": tau}
+        if self.controller is not None:
+            row.update(self._controller_regularisers(supports))
+        params = self._meta_parameters()
+        finite = result.finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            self.nonfinite_run = 0
+            if c.meta_clip > 0:
+                row["meta_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
+            self.optimizer.step()
+            if self.controller_optimizer is not None:
+                self.controller_optimizer.step()
+        else:
+            self.skipped += 1
+            self.nonfinite_run += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.controller_optimizer is not None:
+                self.controller_optimizer.zero_grad(set_to_none=True)
+            logger.warning("step %d: non-finite loss or gradient; step skipped (%d in a row, %d in total)",
+                           self.step + 1, self.nonfinite_run, self.skipped)
+        self.scheduler.step()
+        self.step += 1
+        seconds = time.perf_counter() - started
+        self.tokens_total += result.tokens
+        row.update(
+            support_before=result.support_before,
+            support_after=result.support_after,
+            query_after=result.query_after,
+            meta_loss=result.query_after,
+            skipped=not finite,
+            skipped_total=self.skipped,
+            tokens=result.tokens,
+            tokens_per_s=result.tokens / max(seconds, 1e-9),
+            seconds=seconds,
+            memory_mb=_memory_mb(),
+        )
+        self.metrics.log(row)
+        if self.nonfinite_run >= c.max_nonfinite:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            write_status(self.run_dir, "failed", reason="non-finite losses", step=self.step)
+            raise TrainingError(
+                f"{self.nonfinite_run} non-finite meta-steps in a row (max_nonfinite={c.max_nonfinite}) at step "
+                f"{self.step}; stopping. {where}. Lower inner_lr/outer_lr, enable inner_clip/meta_clip, "
+                "or check the data."
+            )
+        return row
+
+    def validate(self) -> tuple[float, float] | None:
+        """Mean held-out query loss before and after adaptation (controller: argmax structure)."""
+        if not self.val_batches:
+            return None
+        befores, afters = [], []
+        for support, query in self.val_batches:
+            with self._apply(self._decided_weights(support)):
+                before, after = evaluate_task(self.algorithm, support, query)
+            befores.append(before)
+            afters.append(after)
+        result = (sum(befores) / len(befores), sum(afters) / len(afters))
+        self.metrics.log({"kind": "validation", "step": self.step, "query_before": result[0], "query_after": result[1],
+                          "adaptation_gain": result[0] - result[1]})
+        return result
+
+    # ------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact resume (see :mod:`deltameta.meta.checkpoint`)."""
+        return {
+            "step": self.step,
+            "params": {k: p.detach().clone() for k, p in self.params.items()},
+            "extra_params": {k: p.detach().clone() for k, p in self.algorithm.extra_parameters().items()},
+            "controller": self.controller.state_dict() if self.controller is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "controller_optimizer": self.controller_optimizer.state_dict() if self.controller_optimizer else {},
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": ckpt.rng_state(self.generator),
+            "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run, "best": self.best,
+                         "tokens_total": self.tokens_total,
+                         "initial_validation": list(self.initial_validation) if self.initial_validation else None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+            extra = self.algorithm.extra_parameters()
+            for name, value in state["extra_params"].items():
+                extra[name].copy_(value)
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+            self.controller_optimizer.load_state_dict(state["controller_optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        ckpt.set_rng_state(state["rng"], self.generator)
+        counters = state["counters"]
+        self.step = int(state["step"])
+        self.skipped = int(counters["skipped"])
+        self.nonfinite_run = int(counters["nonfinite_run"])
+        self.best = counters["best"]
+        self.tokens_total = int(counters["tokens_total"])
+        initial = counters.get("initial_validation")
+        self.initial_validation = tuple(initial) if initial else None
+
+    def _load_latest(self) -> int:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            raise ckpt.CheckpointError(f"--resume {self.run_dir}: the run has no complete checkpoint to resume from.")
+        self.load_state_dict(ckpt.load_checkpoint(latest))
+        logger.info("resuming %s from %s (step %d)", self.run_dir, latest.name, self.step)
+        return self.step
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step (atomic, keeps the last N)."""
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.config.keep_checkpoints)
+
+    def _save_meta_state(self, directory: Path, final: bool = False) -> None:
+        from deltameta.deltas import save_meta_state
+
+        extra = {"config": dataclasses.asdict(self.config), "step": self.step, "splits": self.splits.names,
+                 "validation": {"initial": self.initial_validation, "last": self.last_validation, "best": self.best}}
+        fold, emb = (self._fold_statistics() if final else (None, None))
+        save_meta_state(directory, self.model, self.delta_config, self.controller, extra=extra,
+                        fold_stats=fold, task_embedding_mean=emb)
+
+    def _fold_statistics(self, episodes: int = 8):
+        """Mean TARP ``Σ(x) - I`` and mean task embedding over meta-training episodes (export fold point)."""
+        from deltameta.deltas import collect_sigma_means
+        from deltameta.deltas import task_embedding as embed
+
+        sampler = data.make_sampler(self.splits.train, self.config, self.config.seed + 104729, "meta-train")
+        sums: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}
+        embeddings = []
+        for index in range(episodes):
+            support, _ = self._encode(sampler.episode(index))
+            embeddings.append(embed(self.model, support["input_ids"], support["attention_mask"]))
+            with self._apply(self._decided_weights(support)):
+                stats = collect_sigma_means(self.model, support["input_ids"], support["attention_mask"], use_cache=False)
+            for layer, ops in stats.items():
+                for op, (total, count) in ops.items():
+                    old_total, old_count = sums.setdefault(layer, {}).get(op, (0.0, 0))
+                    sums[layer][op] = (total + old_total, count + old_count)
+        fold = {layer: {op: total / max(count, 1) for op, (total, count) in ops.items()} for layer, ops in sums.items()}
+        return (fold or None), torch.stack(embeddings).mean(0)
+
+    # ------------------------------------------------------------------------------ run
+
+    def train(self) -> TrainResult:
+        """Run (or continue) the outer loop to ``outer_steps`` and write the run's outputs."""
+        c = self.config
+        write_config(self.run_dir, c)
+        write_status(self.run_dir, "running", step=self.step, outer_steps=c.outer_steps)
+        started = time.perf_counter()
+        if self.step == 0 and not self.resume:
+            self.initial_validation = self.validate()
+            self.last_validation = self.initial_validation
+        progress = _progress(c.outer_steps, self.step, c.progress)
+        try:
+            while self.step < c.outer_steps:
+                row = self.train_step()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{row['query_after']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                         val=f"{self.last_validation[1]:.3f}" if self.last_validation else "-")
+                last = self.step == c.outer_steps
+                if (c.eval_every and self.step % c.eval_every == 0) or last:
+                    self.last_validation = self.validate()
+                    if self.last_validation is not None and (self.best is None or self.last_validation[1] < self.best):
+                        self.best = self.last_validation[1]
+                        self._save_meta_state(self.run_dir / "best")
+                if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or last:
+                    self.save_checkpoint()
+        finally:
+            if progress is not None:
+                progress.close()
+        seconds = time.perf_counter() - started
+        export_error = self._finish()
+        self.metrics.close()
+        return TrainResult(self.run_dir, self.step, self.skipped, self.initial_validation, self.last_validation,
+                           self.best, seconds, export_error)
+
+    def _finish(self) -> str | None:
+        c = self.config
+        self._save_meta_state(self.run_dir / "final", final=True)
+        export_error = None
+        if c.export:
+            try:
+                from deltameta.deltas import export_peft
+
+                export_peft(self.run_dir, self.run_dir / "peft", device=self.device, max_length=c.max_length)
+            except Exception as error:  # noqa: BLE001 - the run itself succeeded; report the export failure
+                export_error = f"{type(error).__name__}: {error}"
+                logger.warning("PEFT export failed: %s", export_error)
+        if c.plots:
+            write_plots(self.run_dir, self.metrics.rows)
+            if self.controller is not None:
+                emb = None
+                if self.controller.mode == "task":
+                    from deltameta.deltas.state import load_meta_state
+
+                    emb = load_meta_state(self.run_dir / "final").task_embedding_mean
+                decisions = self.controller.decide(emb)
+                with torch.no_grad():
+                    probs = self.controller.probs(emb)
+                self.controller.decision_heatmap(self.run_dir / "plots" / "controller_decisions.png", decisions, probs)
+                (self.run_dir / "controller_decisions.txt").write_text(self.controller.decision_table(decisions, probs))
+        write_status(self.run_dir, "finished", step=self.step, skipped=self.skipped,
+                     initial_validation=self.initial_validation, final_validation=self.last_validation,
+                     best_validation=self.best, export_error=export_error)
+        return export_error
+
+
+def _lm_loss_fn(model: nn.Module, groups: int | None):
+    from deltameta.meta.functional import lm_loss_fn
+
+    return lm_loss_fn(model, groups=groups, use_cache=False)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="meta-train", unit="step", dynamic_ncols=True)
+
+
+def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: bool = False,
+                   model: tuple[nn.Module, Any] | None = None) -> TrainResult:
+    """Prepare the run directory and train (the Python form of ``deltameta meta-train``).
+
+    Args:
+        config: The resolved config (``output_dir`` is the run directory).
+        overwrite: Replace a previous run in ``output_dir``.
+        resume: Continue the run in ``output_dir`` from its newest checkpoint.
+        model: Optional preloaded fresh base ``(model, tokenizer)``.
+
+    Raises:
+        ConfigError: the output directory holds another run (without ``overwrite``/``resume``).
+        TrainingError: too many non-finite steps in a row.
+    """
+    from deltameta.meta.run_dir import prepare_run_dir
+
+    run_dir = prepare_run_dir(config.output_dir, overwrite=overwrite, resume=resume)
+    trainer = MetaTrainer(config, run_dir, resume=resume, model=model)
+    return trainer.train()

@@ -1,0 +1,230 @@
+"""Readers of task sources: BIG-bench JSON, MetaICL jsonl, Hugging Face datasets, built-in families."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deltameta.errors import ConfigError, DataError
+from deltameta.tasks import Example, PromptTemplate, TaskCollection, load_tasks
+from deltameta.tasks.bigbench import read_bigbench_file
+from deltameta.tasks.builtin import FAMILIES, generate_family
+from deltameta.tasks.jsonl import read_jsonl
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
+BIGBENCH = FIXTURES / "bigbench"
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Example
+
+
+def test_example_validates_options():
+    example = Example("x", "b", options=["a", "b"])
+    assert example.correct == [1] and example.label == 1
+    with pytest.raises(DataError, match="not among the options"):
+        Example("x", "c", options=["a", "b"])
+    with pytest.raises(DataError, match="duplicates"):
+        Example("x", "a", options=["a", "a"])
+    with pytest.raises(DataError, match="target is empty"):
+        Example("x", " ")
+    with pytest.raises(DataError, match="correct index 5"):
+        Example("x", "a", options=["a", "b"], correct=[5])
+
+
+# ---------------------------------------------------------------------------------------------
+# BIG-bench
+
+
+def test_bigbench_multiple_choice_file():
+    task = read_bigbench_file(BIGBENCH / "color__hex.json")
+    assert task.name == "color__hex" and task.family == "color"
+    assert len(task) == 8 and task.is_multiple_choice
+    first = task.examples[0]
+    assert first.input == "red" and first.target == "#ff0000" and first.options[first.label] == "#ff0000"
+    prompt = task.template.render_prompt(first)
+    assert prompt.startswith("Give the hex code.\n\nColor: red\n  option: #ff0000")
+    assert prompt.endswith("\nHex:") and task.template.render_target(first.target) == " #ff0000"
+
+
+def test_bigbench_no_choices_and_free_form():
+    name = read_bigbench_file(BIGBENCH / "color__name.json")
+    assert "choice" not in name.template.render_prompt(name.examples[0])
+    assert name.template.render_prompt(name.examples[0]) == "Q: #ff0000\nA:"  # BIG-bench default prefixes
+    add = read_bigbench_file(BIGBENCH / "math__add.json")
+    assert not add.is_multiple_choice and add.num_options is None
+    assert add.examples[-1].target == "2"  # first of a list of acceptable targets
+
+
+def test_bigbench_directory_skips_splits_file():
+    collection = load_tasks(BIGBENCH)
+    assert sorted(collection.names) == ["animal_sound", "color__hex", "color__name", "math__add"]
+    assert collection.families == ["animal_sound", "color", "math"]
+
+
+def test_bigbench_multiple_correct_answers(tmp_path):
+    path = write_json(tmp_path / "t.json", {"examples": [{"input": "q", "target_scores": {"a": 1, "b": 0, "c": 1}}]})
+    example = read_bigbench_file(path).examples[0]
+    assert example.correct == [0, 2] and example.target == "a"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"examples": []}, "has no examples"),
+        ({"foo": 1}, "missing field 'examples'"),
+        ([{"input": "a"}], "must be a JSON object"),
+        ({"examples": [{"target": "a"}]}, r"examples\[0\]: missing field 'input'"),
+        ({"examples": [{"input": "a"}, {"input": "b"}]}, r"examples\[0\]: missing field 'target'"),
+        ({"examples": [{"input": "a", "target_scores": {"x": 0, "y": 0}}]}, "no option .* positive score"),
+        ({"examples": [{"input": "a", "target_scores": {"x": "1"}}]}, "must be a finite number"),
+        ({"examples": [{"input": 3, "target": "a"}]}, "'input' must be a string"),
+        ({"examples": [{"input": "a", "target": ""}]}, "target is empty"),
+        ({"examples": [{"input": "a", "target": "b"}], "append_choices_to_input": 3}, "append_choices_to_input"),
+    ],
+)
+def test_bigbench_errors_name_file_and_field(tmp_path, data, message):
+    path = write_json(tmp_path / "bad.json", data)
+    with pytest.raises(DataError, match=message) as info:
+        read_bigbench_file(path)
+    assert "bad.json" in str(info.value)
+
+
+def test_bigbench_malformed_json_names_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"examples": [\n  {"input": "a",, }\n]}')
+    with pytest.raises(DataError, match=r"broken.json.*line 2"):
+        read_bigbench_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# MetaICL jsonl
+
+
+def test_jsonl_reader_groups_tasks():
+    tasks = {t.name: t for t in read_jsonl(FIXTURES / "metaicl.jsonl")}
+    assert set(tasks) == {"glue__sst2", "copy__word"}
+    assert tasks["glue__sst2"].is_multiple_choice and len(tasks["glue__sst2"]) == 6
+    assert tasks["glue__sst2"].family == "glue"
+    assert not tasks["copy__word"].is_multiple_choice  # empty options -> free-form
+    assert tasks["copy__word"].template.render_prompt(tasks["copy__word"].examples[0]) == "word0\nAnswer:"
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"input": "a", "output": "b"}', "{not json"], "line 2: malformed JSON"),
+        (['{"input": "a"}'], "line 1: missing field 'output'"),
+        (['{"output": "a"}'], "line 1: missing field 'input'"),
+        (['{"input": "a", "output": "c", "options": ["a", "b"]}'], "line 1: target 'c' is not among the options"),
+        (['{"input": "a", "output": "b", "options": "a|b"}'], "line 1: field 'options' must be a list"),
+        (['[1, 2]'], "line 1: expected a JSON object"),
+        (["", "  "], "holds no examples"),
+        (['{"input": "a", "output": "b", "task": ""}'], "field 'task' is empty"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message) as info:
+        read_jsonl(path)
+    assert "bad.jsonl" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face datasets (local files)
+
+
+def test_hf_csv_with_column_mapping():
+    collection = load_tasks(FIXTURES / "qa.csv", columns={"input": "question", "output": "answer", "options": "choices", "task": "name"})
+    task = collection["plus__one"]
+    assert task.family == "plus" and len(task) == 6
+    assert task.examples[0].input == "0 plus 1?" and task.examples[0].target == "1"
+    assert task.examples[0].options == ["1", "2"]
+
+
+def test_hf_jsonl_without_task_column_is_one_task(tmp_path):
+    path = tmp_path / "mini.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) for i in range(4)) + "\n")
+    collection = load_tasks(path, columns={"input": "q", "output": "a"})
+    assert collection.names == ["mini"] and len(collection["mini"]) == 4
+
+
+def test_hf_unknown_column_lists_available():
+    with pytest.raises(DataError, match=r"unknown column 'prompt'.*Available columns: question, answer, choices, name"):
+        load_tasks(FIXTURES / "qa.csv", columns={"input": "prompt", "output": "answer"})
+    with pytest.raises(DataError, match="no column for 'input'.*Available columns"):
+        load_tasks(FIXTURES / "qa.csv", columns={"output": "answer"})
+    with pytest.raises(ConfigError, match="unknown column mapping key"):
+        load_tasks(FIXTURES / "qa.csv", columns={"inputs": "question", "output": "answer"})
+
+
+def test_hf_bad_rows_name_the_row(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text('q,a,opts\nx,1,"[""2"", ""3""]"\n')
+    with pytest.raises(DataError, match=r"row 0: target '1' is not among the options"):
+        load_tasks(path, columns={"input": "q", "output": "a", "options": "opts"})
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in families
+
+
+def test_builtin_is_seeded_and_distinct():
+    first = generate_family("caesar", 6, 20, seed=3)
+    again = generate_family("caesar", 6, 20, seed=3)
+    other = generate_family("caesar", 6, 20, seed=4)
+    assert [t.description for t in first] == [t.description for t in again]
+    assert [e.input for e in first[0].examples] == [e.input for e in again[0].examples]
+    assert [t.description for t in first] != [t.description for t in other]
+    assert len({t.description for t in first}) == 6  # distinct hidden rules
+
+
+def test_builtin_families_are_short_and_meaningful():
+    collection = load_tasks("builtin", builtin_tasks_per_family=3, builtin_examples_per_task=24)
+    assert collection.families == sorted(FAMILIES)
+    kinds = {t.family: t.is_multiple_choice for t in collection}
+    assert any(kinds.values()) and not all(kinds.values())
+    for task in collection:
+        assert task.source == "builtin" and len(task) == 24
+        assert len({e.input for e in task.examples}) == len(task)  # no repeated inputs
+        assert all(len(e.input) < 60 and len(e.target) < 40 for e in task.examples)
+
+
+def test_builtin_family_subset_and_unknown_family():
+    collection = load_tasks("builtin:linear,kv_lookup", builtin_tasks_per_family=2)
+    assert collection.families == ["kv_lookup", "linear"]
+    with pytest.raises(ConfigError, match="unknown built-in task family 'nope'"):
+        load_tasks("builtin:nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_tasks dispatch
+
+
+def test_load_tasks_merges_sources_and_overrides_template():
+    collection = load_tasks([BIGBENCH, FIXTURES / "metaicl.jsonl"], template="Q: {input}\\nA:||| {target}")
+    assert isinstance(collection, TaskCollection) and len(collection) == 6
+    task = collection["glue__sst2"]
+    assert task.template == PromptTemplate("Q: {input}\nA:", " {target}")
+
+
+def test_load_tasks_duplicate_names_and_missing_sources(tmp_path):
+    with pytest.raises(DataError, match="appears twice"):
+        load_tasks([BIGBENCH, BIGBENCH / "color__hex.json"])
+    with pytest.raises(DataError, match="not found"):
+        load_tasks(tmp_path / "missing")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported task file type"):
+        load_tasks(tmp_path / "x.txt")
+    with pytest.raises(DataError, match="holds no task files"):
+        load_tasks(tmp_path)
+    with pytest.raises(ConfigError, match="must be a string containing '{input}'"):
+        load_tasks(BIGBENCH, template="no placeholder")
