@@ -54,11 +54,11 @@ def test_short_run_writes_the_run_dir(tmp_path):
     assert again.controller == "task" and again.outer_steps == 4
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd"])
-def test_resume_reproduces_uninterrupted_run(tmp_path, algorithm):
-    straight = run_meta_train(tiny_config(tmp_path / "a", algorithm=algorithm))
+@pytest.mark.parametrize(("algorithm", "batched"), [("fomaml", True), ("metasgd", False)])
+def test_resume_reproduces_uninterrupted_run(tmp_path, algorithm, batched):
+    straight = run_meta_train(tiny_config(tmp_path / "a", algorithm=algorithm, task_batched=batched))
 
-    config = tiny_config(tmp_path / "b", algorithm=algorithm)
+    config = tiny_config(tmp_path / "b", algorithm=algorithm, task_batched=batched)
     trainer = MetaTrainer(config, prepare_run_dir(config.output_dir))
     original = trainer.save_checkpoint
 
@@ -87,16 +87,17 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, algorithm):
 
 def _poison(trainer, steps):
     """Make the given outer steps (1-based) produce a NaN loss."""
-    original = trainer.algorithm.task_step
+    for method in ("task_step", "tasks_step_batched"):
+        original = getattr(trainer.algorithm, method)
 
-    def task_step(support, query, scale):
-        result = original(support, query, scale)
-        if trainer.step + 1 in steps:
-            result.query_after = float("nan")
-            result.finite = False
-        return result
+        def poisoned(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            if trainer.step + 1 in steps:
+                result.query_after = float("nan")
+                result.finite = False
+            return result
 
-    trainer.algorithm.task_step = task_step
+        setattr(trainer.algorithm, method, poisoned)
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
@@ -190,7 +191,7 @@ def test_gradient_checkpointing_inplace_matches_functional(tmp_path):
     """The in-place first-order inner loop (used with gradient checkpointing) equals the functional one."""
     results = {}
     for checkpointing in (False, True):
-        config = tiny_config(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, controller="none",
+        config = tiny_config(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, controller="none", task_batched=False,
                              outer_steps=2, eval_every=0, checkpoint_every=0)
         result = run_meta_train(config)
         results[checkpointing] = load_file(str(result.run_dir / "final" / "deltas.safetensors"))

@@ -1,23 +1,59 @@
-"""``deltameta evaluate``: registered so that ``--help`` works; not implemented yet (issue 6)."""
+"""``deltameta evaluate [--config RECIPE] [--overwrite] [key=value ...]``."""
 
 from __future__ import annotations
 
 import argparse
 
-from deltameta.errors import DeltametaError
 
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``evaluate`` subcommand."""
+    from deltameta.config import describe_keys
+    from deltameta.evaluate.config import EvaluateConfig
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``evaluate``."""
     parser = subparsers.add_parser(
         "evaluate",
-        help="(not implemented yet) see issue 6",
-        description="Not implemented yet: single-GPU fine-tuning and few-shot evaluation arrive with issue 6.",
+        help="few-shot adaptation on held-out tasks: meta-adapter vs zero-shot, ICL, fresh LoRA, multitask",
+        description=(
+            "Compare, on the same episodes of held-out tasks: zero-shot, icl (k demonstrations in the prompt), "
+            "fresh-lora, multitask (adapter of a meta-train run with algorithm=multitask), meta (the meta-adapter's "
+            "static PEFT export) and meta-dynamic (with TARP's dynamic part), each after 0..K adaptation steps on "
+            "the k-shot support set, scored on the query set. Writes results.json, results.md (mean accuracy "
+            "with 95% CIs across tasks) and plots/."
+        ),
+        epilog=describe_keys(EvaluateConfig)
+        + "\n\nexamples:\n"
+        "  deltameta evaluate model=tiny-random-llama quantization=none episodes=2\n"
+        "  deltameta evaluate --config recipes/evaluate/smollm2_135m_bigbench_dev.yaml adapter=runs/meta "
+        "multitask_adapter=runs/multitask\n"
+        "  deltameta evaluate tasks=../shared/data/bigbench-lite splits=../shared/data/bigbench-lite/splits.json "
+        "split=dev adapters='{meta: runs/meta, multitask: runs/multitask}' steps=[0,5,10]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.set_defaults(func=_run)
+    parser.add_argument("--config", metavar="RECIPE", help="recipe YAML (see recipes/evaluate/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace previous results in output_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see the keys below)")
+    parser.set_defaults(func=run)
+    return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    raise DeltametaError("'deltameta evaluate' is not implemented yet (planned in issue 6); nothing was run.")
+def run(args: argparse.Namespace) -> int:
+    """Run ``deltameta evaluate``."""
+    from deltameta.config import build_config
+    from deltameta.evaluate import EvaluateConfig, run_evaluate
+    from deltameta.evaluate.report import _pct
+
+    config = build_config(EvaluateConfig, args.config, args.overrides)
+    results = run_evaluate(config, overwrite=args.overwrite)
+    steps = [str(s) for s in results["steps"]]
+    summary = results["summary"]["methods"]
+    width = max(len(m) for m in results["methods"])
+    lines = [f"evaluated {len(results['methods'])} methods on {len(results['tasks'])} tasks x {config.episodes} episodes "
+             f"in {results['timing']['seconds']:.0f} s; accuracy % (95% CI across tasks):",
+             f"{'method':<{width}}  " + "  ".join(f"{s + ' steps':>14}" for s in steps)]
+    for method in results["methods"]:
+        lines.append(f"{method:<{width}}  " + "  ".join(f"{_pct(summary[method][s]):>14}" for s in steps))
+    for warning in results.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    lines.append(f"results: {config.output_dir}/results.json, table: {config.output_dir}/results.md, plots: {config.output_dir}/plots/")
+    print("\n".join(lines))
+    return 0

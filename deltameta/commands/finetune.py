@@ -1,23 +1,52 @@
-"""``deltameta finetune``: registered so that ``--help`` works; not implemented yet (issue 6)."""
+"""``deltameta finetune [--config RECIPE] [--overwrite] [key=value ...]``."""
 
 from __future__ import annotations
 
 import argparse
 
-from deltameta.errors import DeltametaError
 
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``finetune`` subcommand."""
+    from deltameta.config import describe_keys
+    from deltameta.finetune.config import FinetuneConfig
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``finetune``."""
     parser = subparsers.add_parser(
         "finetune",
-        help="(not implemented yet) see issue 6",
-        description="Not implemented yet: single-GPU fine-tuning and few-shot evaluation arrive with issue 6.",
+        help="fine-tune a meta-adapter (or a fresh LoRA) on your task; writes a PEFT adapter",
+        description=(
+            "Fine-tune an adapter on a task with standard PEFT training on a frozen base (NF4 = QLoRA, or "
+            "quantization=none). Start from a meta-adapter (adapter=RUN_DIR, an exported PEFT dir, or "
+            "adapters/<name>) or a fresh LoRA (no adapter). The task is any source 'deltameta tasks list' reads, "
+            "or a jsonl file of {\"input\": ..., \"output\": ...} lines. The result, OUTPUT/best and OUTPUT/last, "
+            "loads with PeftModel.from_pretrained. Keys come from the defaults, then the recipe, then key=value."
+        ),
+        epilog=describe_keys(FinetuneConfig)
+        + "\n\nexamples:\n  deltameta finetune\n"
+        "  deltameta finetune adapter=runs/meta-train tasks=my_task.jsonl steps=100 output_dir=runs/my-task\n"
+        "  deltameta finetune --config recipes/finetune/llama3_8b_qlora_24gb.yaml adapter=adapters/NAME tasks=data.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.set_defaults(func=_run)
+    parser.add_argument("--config", metavar="RECIPE", help="recipe YAML (see recipes/finetune/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous fine-tuning run in output_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see the keys below)")
+    parser.set_defaults(func=run)
+    return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    raise DeltametaError("'deltameta finetune' is not implemented yet (planned in issue 6); nothing was run.")
+def run(args: argparse.Namespace) -> int:
+    """Run ``deltameta finetune``."""
+    from deltameta.config import build_config
+    from deltameta.finetune import FinetuneConfig, run_finetune
+
+    config = build_config(FinetuneConfig, args.config, args.overrides)
+    result = run_finetune(config, overwrite=args.overwrite)
+    lines = [
+        f"finetune finished: {result.steps} steps in {result.seconds:.0f} s"
+        + (" (stopped early)" if result.stopped_early else ""),
+        f"training loss: {result.train_loss_before:.3f} -> {result.train_loss_after:.3f}",
+    ]
+    if result.best_val_loss is not None:
+        lines.append(f"best validation loss: {result.best_val_loss:.3f}")
+    lines.append(f"PEFT adapter: {result.adapter_dir}  (load with PeftModel.from_pretrained(base, DIR))")
+    print("\n".join(lines))
+    return 0

@@ -27,7 +27,7 @@ from torch import nn
 from deltameta.atomic import atomic_directory
 from deltameta.deltas.config import DeltaConfig
 from deltameta.deltas.model import delta_parameters, inject_deltas
-from deltameta.errors import DeltametaError, MetaStateError
+from deltameta.errors import MetaStateError
 
 FINAL_DIR = "final"
 TASK_EMBEDDING_KEY = "__task_embedding__"

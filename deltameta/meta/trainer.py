@@ -142,7 +142,11 @@ class MetaTrainer:
         from deltameta.deltas import ArchController, delta_parameters, inject_deltas
 
         if c.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5.x
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()  # HF checkpoints only in training mode; there is no dropout in the frozen base
         self.delta_config = c.delta_config()
         torch.manual_seed(c.seed)
@@ -424,9 +428,10 @@ class MetaTrainer:
             while self.step < c.outer_steps:
                 row = self.train_step()
                 if progress is not None:
-                    progress.update(1)
                     progress.set_postfix(loss=f"{row['query_after']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                         val=f"{self.last_validation[1]:.3f}" if self.last_validation else "-")
+                                         val=f"{self.last_validation[1]:.3f}" if self.last_validation else "-",
+                                         refresh=False)
+                    progress.update(1)
                 last = self.step == c.outer_steps
                 if (c.eval_every and self.step % c.eval_every == 0) or last:
                     self.last_validation = self.validate()

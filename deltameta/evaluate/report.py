@@ -1,0 +1,212 @@
+"""Summaries of an evaluation: means with 95% confidence intervals, the markdown table, the plots.
+
+Confidence intervals are taken **across tasks**: each task contributes its mean accuracy over its
+episodes, and the interval is the Student-t interval of the mean of those per-task values (tasks
+are the unit of generalisation; episodes of one task are not independent draws of the task
+distribution). Method differences (``meta - multitask``, ...) use paired per-task differences.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+# two-sided 95% Student-t quantiles for 1..30 degrees of freedom
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_quantile(df: int) -> float:
+    """Two-sided 95% Student-t quantile (1.96 beyond 120 degrees of freedom)."""
+    if df < 1:
+        return float("nan")
+    if df <= 30:
+        return _T95[df - 1]
+    if df <= 60:
+        return 2.042 + (2.000 - 2.042) * (df - 30) / 30
+    if df <= 120:
+        return 2.000 + (1.980 - 2.000) * (df - 60) / 60
+    return 1.960
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and 95% CI half-width of ``values``.
+
+    Returns:
+        ``mean``, ``std``, ``ci95`` (``None`` with fewer than two values), ``low``, ``high``, ``n``.
+    """
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "ci95": None, "low": None, "high": None, "n": 0}
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "std": None, "ci95": None, "low": None, "high": None, "n": 1}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci95": half, "low": mean - half, "high": mean + half, "n": n}
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per method and step: mean accuracy across tasks with its 95% CI; paired differences.
+
+    Args:
+        results: The ``results.json`` content (``tasks``, ``methods``, ``steps``).
+
+    Returns:
+        ``{"methods": {method: {step: stats}}, "comparisons": {"meta - multitask": {step: stats}, ...}}``.
+    """
+    steps = [str(s) for s in results["steps"]]
+    methods = list(results["methods"])
+    per_task = {m: {s: {} for s in steps} for m in methods}
+    for task, entry in results["tasks"].items():
+        for method in methods:
+            data = entry["methods"].get(method)
+            if data is None:
+                continue
+            for s in steps:
+                per_task[method][s][task] = data["mean"][s]
+    summary: dict[str, Any] = {"methods": {}, "comparisons": {}}
+    for method in methods:
+        summary["methods"][method] = {s: mean_ci(list(per_task[method][s].values())) for s in steps}
+    pairs = [("meta", "multitask"), ("meta", "fresh-lora"), ("meta-dynamic", "meta"), ("multitask", "fresh-lora"),
+             ("meta", "icl")]
+    for a, b in pairs:
+        if a in methods and b in methods:
+            summary["comparisons"][f"{a} - {b}"] = {
+                s: mean_ci([per_task[a][s][t] - per_task[b][s][t] for t in per_task[a][s] if t in per_task[b][s]])
+                for s in steps
+            }
+    return summary
+
+
+def _pct(stats: dict[str, Any], signed: bool = False) -> str:
+    if stats["mean"] is None:
+        return "-"
+    mean = f"{100 * stats['mean']:+.1f}" if signed else f"{100 * stats['mean']:.1f}"
+    return mean if stats["ci95"] is None else f"{mean} ± {100 * stats['ci95']:.1f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Render the summary as markdown: accuracy (%) ± 95% CI across tasks, per method and step."""
+    steps = [str(s) for s in results["steps"]]
+    summary = results["summary"]
+    n_tasks = len(results["tasks"])
+    config = results["config"]
+    lines = [
+        f"# Few-shot adaptation: {config['model']} ({config['quantization']}), tasks `{config['tasks']}`"
+        + (f" split `{config['split']}`" if config.get("split") else ""),
+        "",
+        f"{n_tasks} tasks x {config['episodes']} episodes, k={config['shots']} support / {config['query_size']} query "
+        f"examples per episode, seed {config['seed']}. Mean accuracy (%) across tasks ± 95% CI (Student t over "
+        "per-task means). Multiple choice by log-likelihood, free-form by exact match.",
+        "",
+        "| method | " + " | ".join(f"{s} steps" for s in steps) + " | trains |",
+        "|---|" + "---|" * len(steps) + "---|",
+    ]
+    for method, info in results["methods"].items():
+        cells = [_pct(summary["methods"][method][s]) for s in steps]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'yes' if info['trains'] else 'no'} |")
+    if summary["comparisons"]:
+        lines += ["", "Paired differences (percentage points, same tasks and episodes):", "",
+                  "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+        for name, stats in summary["comparisons"].items():
+            lines.append(f"| {name} | " + " | ".join(_pct(stats[s], signed=True) for s in steps) + " |")
+    budget = results["budget"]
+    adaptation = budget["adaptation"]
+    lines += [
+        "",
+        "## Budget",
+        "",
+        f"- adaptation: every training method gets the same {adaptation['max_steps']} steps of "
+        f"{adaptation['optimizer']} (lr {adaptation['lr']}, clip {adaptation['clip']}) on the full k-shot support set "
+        f"(one forward/backward pass per step), scored after {', '.join(steps)} steps.",
+    ]
+    for method, prep in budget["preparation"].items():
+        passes = prep.get("forward_backward_passes")
+        if method == "fresh-lora":
+            lines.append("- preparation of fresh-lora: none (standard LoRA init)")
+        elif passes is None:
+            lines.append(f"- preparation of {method}: unknown (adapter without run metadata)")
+        else:
+            tokens = f", {prep['tokens']} tokens" if prep.get("tokens") else ""
+            lines.append(f"- preparation of {method}: {passes} forward/backward passes ({prep.get('algorithm')}, "
+                         f"{prep.get('outer_steps')} outer steps x {prep.get('meta_batch_size')} tasks x "
+                         f"({prep.get('inner_steps')} + 1) passes{tokens})")
+    parity = budget["parity"]
+    lines.append(f"- preparation parity between trained adapters: {parity['preparation']}" +
+                 (f" ({parity['note']})" if parity.get("note") else ""))
+    last = steps[-1]
+    lines += ["", f"## Per task (accuracy % after {last} steps, mean over episodes)", "",
+              "| task | " + " | ".join(results["methods"]) + " |", "|---|" + "---|" * len(results["methods"])]
+    for task, entry in results["tasks"].items():
+        cells = []
+        for method in results["methods"]:
+            value = entry["methods"][method]["mean"][last]
+            cells.append("-" if value is None else f"{100 * value:.1f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    if results.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(out: Path, results: dict[str, Any]) -> list[Path]:
+    """Write ``plots/accuracy_vs_steps.png`` and ``plots/per_task.png``.
+
+    Returns:
+        The files written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = results["steps"]
+    methods = list(results["methods"])
+    summary = results["summary"]["methods"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for method in methods:
+        stats = [summary[method][str(s)] for s in steps]
+        xs = [s for s, st in zip(steps, stats) if st["mean"] is not None]
+        ys = [100 * st["mean"] for st in stats if st["mean"] is not None]
+        if not xs:
+            continue
+        style = "--" if not results["methods"][method]["trains"] else "-"
+        line, = ax.plot(xs, ys, style, marker="o", markersize=4, label=method)
+        lows = [100 * (st["low"] if st["low"] is not None else st["mean"]) for st in stats if st["mean"] is not None]
+        highs = [100 * (st["high"] if st["high"] is not None else st["mean"]) for st in stats if st["mean"] is not None]
+        ax.fill_between(xs, [max(v, 0.0) for v in lows], [min(v, 100.0) for v in highs], color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("adaptation steps on the k-shot support set")
+    ax.set_ylabel("query accuracy (%)")
+    ax.set_title(f"{len(results['tasks'])} held-out tasks, k={results['config']['shots']} (95% CI across tasks)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy_vs_steps.png", dpi=110)
+    plt.close(fig)
+    written.append(folder / "accuracy_vs_steps.png")
+
+    last = str(steps[-1])
+    tasks = list(results["tasks"])
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(tasks) * max(1, len(methods)) / 2), 4.2))
+    for i, method in enumerate(methods):
+        values = [results["tasks"][t]["methods"][method]["mean"][last] for t in tasks]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, [100 * (v or 0.0) for v in values], width=width, label=method)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"query accuracy after {last} steps (%)")
+    ax.set_title("per task (mean over episodes)")
+    ax.legend(fontsize=7, ncol=min(len(methods), 3))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "per_task.png", dpi=110)
+    plt.close(fig)
+    written.append(folder / "per_task.png")
+    return written

@@ -1,0 +1,440 @@
+"""Few-shot evaluation of every method on the same episodes of held-out tasks.
+
+One frozen base is loaded once. Every adapter (a fresh LoRA, the multitask baseline, the
+meta-adapter) is attached to one ``PeftModel`` under its own name; before each episode the active
+adapter's weights are restored from a saved copy and a fresh optimizer is built, so no method ever
+sees another episode's updates and the base is never reloaded. ``meta-dynamic`` is the ``meta``
+adapter plus TARP's sidecar hooks (gated on, only while that method runs).
+
+For each task, ``episodes`` episodes are drawn once (seeded by ``seed`` and the task name) and
+every method runs on exactly those episodes, in the order task -> episode -> method. Each training
+method takes the same ``max(steps)`` optimizer steps on the full k-shot support set; the query set
+is scored at every step listed in ``steps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltameta.atomic import atomic_write_text
+from deltameta.config import config_to_yaml
+from deltameta.errors import ConfigError, DataError
+from deltameta.evaluate.config import ADAPTER_OF, METHODS, TRAINING_METHODS, EvaluateConfig
+from deltameta.evaluate.report import markdown_table, summarize, write_plots
+from deltameta.finetune import common
+from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, resolve_adapter
+from deltameta.finetune.trainer import make_optimizer
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+TABLE_FILE = "results.md"
+RUN_MARKERS = (RESULTS_FILE, TABLE_FILE, "run.json", "config.yaml")
+#: PEFT adapter names of the methods (no dots or dashes).
+PEFT_NAME = {"fresh-lora": "fresh_lora", "multitask": "multitask", "meta": "meta", "meta-dynamic": "meta"}
+
+
+def _episode_record(episode: Any) -> dict[str, Any]:
+    index_of = {id(e): i for i, e in enumerate(episode.task.examples)}
+    support = [index_of[id(e)] for e in episode.support]
+    query = [index_of[id(e)] for e in episode.query]
+    text = repr((episode.task.name, [(e.input, e.target) for e in episode.support], [(e.input, e.target) for e in episode.query]))
+    return {
+        "id": f"{episode.task.name}#{episode.index}",
+        "index": episode.index,
+        "support": support,
+        "query": query,
+        "fingerprint": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16],
+    }
+
+
+class Evaluator:
+    """Runs one evaluation.
+
+    Args:
+        config: The resolved config.
+        out: The (prepared) output directory.
+        model: Optional preloaded frozen base ``(model, tokenizer)`` (it gets wrapped in a
+            ``PeftModel``; do not reuse it afterwards).
+    """
+
+    def __init__(self, config: EvaluateConfig, out: Path, model: tuple[Any, Any] | None = None) -> None:
+        self.config = c = config
+        self.out = out
+        self.warnings: list[str] = []
+        self.tasks = self._load_tasks()
+        paths = c.adapter_paths()
+        self.methods = self._choose_methods(paths)
+        kinds = sorted({ADAPTER_OF[m] for m in self.methods if m in ADAPTER_OF})
+        resolved = {kind: resolve_adapter(paths[kind], f"{kind} adapter") for kind in kinds}  # fail before loading
+        base, self.tokenizer = model if model is not None else common.load_frozen_base(c)
+        self.base = base
+        self.device = common.model_device(base)
+        self.autocast = bool(c.bf16)
+        self.sources = {}
+        for kind, source in resolved.items():
+            check_base_matches(source, base, f"{kind} adapter")
+            source = ensure_peft_dir(source, out / "adapters" / kind, device=str(self.device), max_length=c.max_length)
+            check_base_matches(source, base, f"{kind} adapter")
+            self.sources[kind] = source
+        self._check_algorithms()
+        if "meta-dynamic" in self.methods and not self.sources["meta"].has_sidecar:
+            self.warnings.append("the meta-adapter has no TARP sidecar (a LoRA meta-adapter): meta-dynamic equals meta.")
+        self.current: str | None = None
+        self.model = base
+        self.initial: dict[str, dict[str, torch.Tensor]] = {}
+        self.hooks: list = []
+        self._attach_adapters()
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _load_tasks(self) -> list[Any]:
+        from deltameta.tasks import TaskCollection, load_tasks
+
+        c = self.config
+        kwargs: dict[str, Any] = {"seed": c.seed}
+        if str(c.tasks).startswith("builtin"):
+            kwargs.update(builtin_tasks_per_family=c.builtin_tasks_per_family,
+                          builtin_examples_per_task=c.builtin_examples_per_task)
+        loaded = load_tasks(c.tasks, splits=c.splits or None, **kwargs)
+        if isinstance(loaded, dict):
+            if not c.split:
+                collection = TaskCollection.merge(*loaded.values())
+            elif c.split not in loaded:
+                raise ConfigError(f"split='{c.split}' is not a split of tasks='{c.tasks}' with splits='{c.splits}'; "
+                                  f"the splits are: {', '.join(loaded)}.")
+            else:
+                collection = loaded[c.split]
+        else:
+            if c.split and c.splits:
+                raise ConfigError(f"split='{c.split}' given but splits='{c.splits}' made no split.")
+            collection = loaded
+        tasks = list(collection)
+        if c.task_names:
+            names = {t.name for t in tasks}
+            missing = [n for n in c.task_names if n not in names]
+            if missing:
+                import difflib
+
+                close = difflib.get_close_matches(missing[0], sorted(names), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"task_names: {missing} not among the evaluated tasks.{hint}")
+            tasks = [t for t in tasks if t.name in set(c.task_names)]
+        needed = c.shots + c.query_size
+        small = [t for t in tasks if len(t) < needed]
+        if small and len(small) == len(tasks):
+            largest = max((len(t) for t in tasks), default=0)
+            raise ConfigError(
+                f"shots={c.shots} + query_size={c.query_size} = {needed} examples per episode, but every task has "
+                f"fewer (largest: {largest} examples); lower shots or query_size."
+            )
+        if small:
+            self.warnings.append(f"skipped {len(small)} task(s) with fewer than shots + query_size = {needed} examples: "
+                                 + ", ".join(t.name for t in small[:10]) + ("..." if len(small) > 10 else ""))
+            tasks = [t for t in tasks if len(t) >= needed]
+        if c.max_tasks:
+            tasks = tasks[: c.max_tasks]
+        if not tasks:
+            raise DataError(f"tasks='{c.tasks}' (split '{c.split}') holds no task to evaluate.")
+        return tasks
+
+    def _choose_methods(self, paths: dict[str, str]) -> list[str]:
+        c = self.config
+        if c.methods:
+            for method in c.methods:
+                kind = ADAPTER_OF.get(method)
+                if kind and kind not in paths:
+                    key = "adapter=RUN_DIR" if kind == "meta" else "multitask_adapter=RUN_DIR"
+                    raise ConfigError(f"method '{method}' needs the {kind} adapter: set {key} "
+                                      f"(or adapters={{{kind}: RUN_DIR}}), or drop it from methods.")
+            chosen = [m for m in METHODS if m in c.methods]
+        else:
+            chosen = [m for m in METHODS if ADAPTER_OF.get(m) is None or ADAPTER_OF[m] in paths]
+            skipped = [m for m in METHODS if m not in chosen]
+            if skipped:
+                logger.info("methods %s skipped: no adapter given for them", ", ".join(skipped))
+        if max(c.steps) > 0 and c.shots == 0:
+            chosen = [m for m in chosen if m not in TRAINING_METHODS]
+        return chosen
+
+    def _check_algorithms(self) -> None:
+        multitask = self.sources.get("multitask")
+        if multitask is not None and multitask.algorithm not in (None, "multitask"):
+            self.warnings.append(f"the multitask adapter comes from algorithm={multitask.algorithm}, not the multitask baseline.")
+        meta = self.sources.get("meta")
+        if meta is not None and meta.algorithm == "multitask":
+            self.warnings.append("the meta adapter comes from algorithm=multitask (the baseline), not a meta-learner.")
+        for warning in self.warnings:
+            logger.warning(warning)
+
+    def _fresh_lora_config(self):
+        c = self.config
+        rank, alpha, targets = c.rank, c.alpha, list(c.target_modules)
+        reference = self.sources.get("meta") or self.sources.get("multitask")
+        if reference is not None and not (rank and alpha and targets):
+            import json
+
+            adapter_cfg = json.loads((reference.peft_dir / "adapter_config.json").read_text(encoding="utf-8"))
+            rank = rank or int(adapter_cfg.get("r") or 8)
+            alpha = alpha or float(adapter_cfg.get("lora_alpha") or 16.0)
+            if not targets:
+                found = adapter_cfg.get("target_modules") or []
+                targets = sorted({str(t).rsplit(".", 1)[-1] for t in found}) if isinstance(found, list) else []
+        base_id = getattr(getattr(self.base, "deltameta_base", None), "base_model_name_or_path", None)
+        return common.fresh_lora_config(rank or 8, alpha or 16.0, targets or list(common.DEFAULT_TARGETS), 0.0, base_id)
+
+    def _attach_adapters(self) -> None:
+        names = []
+        if "fresh-lora" in self.methods:
+            torch.manual_seed(self.config.seed)
+            self.model = common.attach_adapter(self.model, PEFT_NAME["fresh-lora"], lora_config=self._fresh_lora_config())
+            names.append("fresh-lora")
+        for kind, source in self.sources.items():
+            self.model = common.attach_adapter(self.model, PEFT_NAME[kind], peft_dir=source.peft_dir)
+            names.append(kind)
+        for method in names:
+            params = common.adapter_parameters(self.model, PEFT_NAME[method])
+            self.initial[PEFT_NAME[method]] = {n: p.detach().clone() for n, p in params.items()}
+        if "meta-dynamic" in self.methods and self.sources["meta"].has_sidecar:
+            from deltameta.finetune.dynamic import attach_dynamic
+
+            self.hooks = attach_dynamic(self.model, self.sources["meta"].peft_dir, gate=lambda: self.current == "meta-dynamic")
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------ episodes
+
+    def episodes_of(self, task: Any) -> list[Any]:
+        """The ``episodes`` episodes of ``task`` (the same for every method)."""
+        from deltameta.tasks import EpisodeSampler, TaskCollection
+        from deltameta.tasks.seeding import derive_seed
+
+        c = self.config
+        sampler = EpisodeSampler(TaskCollection([task]), c.shots, c.query_size,
+                                 seed=derive_seed(c.seed, "evaluate", task.name) % (2**31), balanced=c.balanced)
+        return [sampler.episode(i) for i in range(c.episodes)]
+
+    def _score(self, episode: Any, in_context: bool) -> dict[str, float]:
+        from deltameta.tasks import evaluate_examples
+
+        c = self.config
+        max_length = c.max_length
+        if in_context:
+            max_length = c.icl_max_length or c.max_length * (c.shots + 1)
+        return evaluate_examples(common.logits_fn(self.model, self.autocast), self.tokenizer, episode.query,
+                                 episode.task.template, max_length, in_context=episode.support if in_context else None,
+                                 batch_size=c.batch_size, device=self.device)
+
+    def _support_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        with torch.no_grad():
+            return float(common.batch_loss(self.model, batch, self.device, self.autocast))
+
+    def _restore(self, name: str) -> None:
+        """Put adapter ``name`` back to its loaded (or initial) weights; freeze everything."""
+        params = common.adapter_parameters(self.model, name)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.initial[name][n])
+                p.grad = None
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def run_method(self, method: str, episode: Any) -> dict[str, Any]:
+        """Run ``method`` on ``episode``: scores (and support losses) at every step of ``steps``."""
+        from deltameta.tasks import encode_examples
+
+        c = self.config
+        steps = c.steps
+        self.current = method
+        result: dict[str, Any] = {"accuracy": {}, "accuracy_norm": {}, "support_loss": {}}
+        started = time.perf_counter()
+        try:
+            if method in ("zero-shot", "icl"):
+                context = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+                with context:
+                    scores = self._score(episode, in_context=method == "icl")
+                for s in steps:
+                    result["accuracy"][str(s)] = scores["accuracy"]
+                    result["accuracy_norm"][str(s)] = scores["accuracy_norm"]
+                    result["support_loss"][str(s)] = None
+                result["passes"] = 0
+                return result
+            name = PEFT_NAME[method]
+            self._restore(name)
+            params = common.activate(self.model, name)
+            optimizer = make_optimizer(list(params.values()), c.optimizer, c.inner_lr)
+            support = encode_examples(self.tokenizer, episode.support, episode.task.template, c.max_length) if episode.support else None
+            passes = 0
+            for step in range(max(steps) + 1):
+                if step in steps:
+                    scores = self._score(episode, in_context=False)
+                    result["accuracy"][str(step)] = scores["accuracy"]
+                    result["accuracy_norm"][str(step)] = scores["accuracy_norm"]
+                    result["support_loss"][str(step)] = self._support_loss(support) if support is not None else None
+                if step == max(steps):
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss = common.batch_loss(self.model, support, self.device, self.autocast)
+                loss.backward()
+                passes += 1
+                if c.inner_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), c.inner_clip)
+                if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params.values()):
+                    optimizer.step()
+            result["passes"] = passes
+            return result
+        finally:
+            self.current = None
+            if method in TRAINING_METHODS:
+                self._restore(PEFT_NAME[method])
+            result["seconds"] = time.perf_counter() - started
+
+    # ------------------------------------------------------------------------------ run
+
+    def _method_info(self) -> dict[str, Any]:
+        info = {}
+        for method in self.methods:
+            entry: dict[str, Any] = {"trains": method in TRAINING_METHODS}
+            kind = ADAPTER_OF.get(method)
+            if kind:
+                entry["adapter"] = self.sources[kind].to_dict()
+                entry["dynamic"] = method == "meta-dynamic" and self.sources[kind].has_sidecar
+            if method == "fresh-lora":
+                cfg = self._fresh_lora_config()
+                entry["lora"] = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
+            info[method] = entry
+        return info
+
+    def _budget(self) -> dict[str, Any]:
+        c = self.config
+        preparation = {}
+        for method in self.methods:
+            if method == "fresh-lora":
+                preparation[method] = {"forward_backward_passes": 0, "tokens": 0}
+            elif method in ADAPTER_OF:
+                preparation[method] = dict(self.sources[ADAPTER_OF[method]].preparation)
+        passes = {m: p.get("forward_backward_passes") for m, p in preparation.items() if m in ("multitask", "meta")}
+        parity: dict[str, Any] = {"adaptation": True, "preparation": None}
+        if len(passes) == 2:
+            if None in passes.values():
+                parity["note"] = "unknown for an adapter without run metadata"
+            else:
+                parity["preparation"] = passes["multitask"] == passes["meta"]
+                if not parity["preparation"]:
+                    parity["note"] = (f"meta used {passes['meta']} and multitask {passes['multitask']} forward/backward "
+                                      "passes; the comparison is not compute-matched")
+                    self.warnings.append("preparation budgets differ: " + parity["note"])
+        return {
+            "adaptation": {"steps": list(c.steps), "max_steps": max(c.steps), "optimizer": c.optimizer, "lr": c.inner_lr,
+                           "clip": c.inner_clip, "batch": "the full k-shot support set",
+                           "forward_backward_passes_per_episode": max(c.steps)},
+            "preparation": preparation,
+            "parity": parity,
+        }
+
+    def run(self) -> dict[str, Any]:
+        """Evaluate every method on every episode; write ``results.json``, the table and the plots."""
+        c = self.config
+        from tqdm.auto import tqdm
+
+        results: dict[str, Any] = {
+            "config": c.summary(),
+            "steps": list(c.steps),
+            "methods": self._method_info(),
+            "budget": self._budget(),
+            "tasks": {},
+            "timing": {},
+        }
+        total = len(self.tasks) * c.episodes * len(self.methods)
+        bar = tqdm(total=total, desc="evaluate", unit="run", disable=not c.progress, dynamic_ncols=True)
+        seconds = {m: 0.0 for m in self.methods}
+        started = time.perf_counter()
+        try:
+            for task in self.tasks:
+                episodes = self.episodes_of(task)
+                records = [_episode_record(e) for e in episodes]
+                entry = {"family": task.family, "kind": "multiple_choice" if task.is_multiple_choice else "free_form",
+                         "num_examples": len(task), "episodes": records, "methods": {}}
+                for method in self.methods:
+                    entry["methods"][method] = {"episodes": [], "accuracy": {str(s): [] for s in c.steps},
+                                                "accuracy_norm": {str(s): [] for s in c.steps},
+                                                "support_loss": {str(s): [] for s in c.steps}, "passes": []}
+                for episode, record in zip(episodes, records):
+                    for method in self.methods:
+                        outcome = self.run_method(method, episode)
+                        slot = entry["methods"][method]
+                        slot["episodes"].append(record["id"])
+                        slot["passes"].append(outcome["passes"])
+                        for key in ("accuracy", "accuracy_norm", "support_loss"):
+                            for s in c.steps:
+                                slot[key][str(s)].append(outcome[key][str(s)])
+                        seconds[method] += outcome["seconds"]
+                        bar.update(1)
+                for method in self.methods:
+                    slot = entry["methods"][method]
+                    slot["mean"] = {s: sum(v) / len(v) for s, v in slot["accuracy"].items()}
+                results["tasks"][task.name] = entry
+        finally:
+            bar.close()
+            for handle in self.hooks:
+                handle.remove()
+        n_episodes = len(self.tasks) * c.episodes
+        results["timing"] = {
+            "seconds": time.perf_counter() - started,
+            "per_method_seconds": seconds,
+            "per_episode_seconds": {m: s / max(n_episodes, 1) for m, s in seconds.items()},
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
+        results["warnings"] = self.warnings
+        results["summary"] = summarize(results)
+        common.write_json(self.out / RESULTS_FILE, results)
+        atomic_write_text(self.out / TABLE_FILE, markdown_table(results))
+        if c.plots:
+            write_plots(self.out, results)
+        return results
+
+
+def run_evaluate(config: EvaluateConfig, overwrite: bool = False, model: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Run a few-shot evaluation (the Python form of ``deltameta evaluate``).
+
+    Args:
+        config: The resolved config.
+        overwrite: Replace previous results in ``output_dir``.
+        model: Optional preloaded frozen base ``(model, tokenizer)``.
+
+    Returns:
+        The ``results.json`` content.
+
+    Raises:
+        ConfigError: bad keys or methods, an occupied output directory, k larger than every task.
+        DataError: the task source cannot be read.
+        ModelLoadError, MetaStateError: an adapter is missing, unfinished or made for another base.
+    """
+    import shutil
+
+    out = common.prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "evaluate")
+    try:
+        evaluator = Evaluator(config, out, model)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    atomic_write_text(out / "config.yaml", config_to_yaml(config))
+    common.write_json(out / "run.json", {"status": "running", "methods": evaluator.methods,
+                                         "tasks": [t.name for t in evaluator.tasks]})
+    try:
+        results = evaluator.run()
+    except BaseException as error:
+        common.write_json(out / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        raise
+    common.write_json(out / "run.json", {"status": "finished", "methods": evaluator.methods,
+                                         "tasks": [t.name for t in evaluator.tasks], "seconds": results["timing"]["seconds"]})
+    return results

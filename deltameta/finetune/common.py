@@ -1,0 +1,160 @@
+"""Pieces shared by ``finetune`` and ``evaluate``: output dirs, the base, PEFT adapters, losses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from deltameta.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Default sublayers of a fresh LoRA (the meta-train default).
+DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def prepare_output_dir(path: str | Path, markers: Iterable[str], overwrite: bool, command: str) -> Path:
+    """Check (and with ``overwrite``, clear) a command's output directory.
+
+    Args:
+        path: ``output_dir``.
+        markers: Files whose presence marks a previous run of this command.
+        overwrite: Replace a previous run.
+        command: Command name for messages.
+
+    Returns:
+        The directory (created).
+
+    Raises:
+        ConfigError: it holds another run (without ``overwrite``), is a file, or holds unrelated
+            files (never deleted, even with ``overwrite``).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir='{path}' is a file; give a directory.")
+    if path.is_dir() and any(path.iterdir()):
+        if any((path / m).exists() for m in markers):
+            if not overwrite:
+                raise ConfigError(
+                    f"output_dir='{path}' already holds a {command} run; pass --overwrite to replace it or choose "
+                    "another output_dir=..."
+                )
+            shutil.rmtree(path)
+        else:
+            raise ConfigError(
+                f"output_dir='{path}' is not empty and holds no {command} run; refusing to write into it (even "
+                "with --overwrite). Choose an empty or new directory."
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_frozen_base(config: Any):
+    """Load the frozen base named by a config (``model``, ``quantization``, ``compute_dtype``, ...)."""
+    from deltameta.base import load_base
+
+    dtype = None if config.compute_dtype == "auto" else config.compute_dtype
+    return load_base(config.model, config.quantization, compute_dtype=dtype, double_quant=config.double_quant,
+                     device=resolve_device(config.device), seed=config.seed)
+
+
+def fresh_lora_config(rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0, base_id: str | None = None):
+    """Return a standard PEFT ``LoraConfig`` for a causal LM."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
+                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_id)
+
+
+def attach_adapter(model: nn.Module, name: str, peft_dir: Path | None = None, lora_config: Any = None) -> nn.Module:
+    """Add a trainable adapter ``name`` to ``model`` (wrapping it in a ``PeftModel`` the first time).
+
+    Args:
+        model: The frozen base, or a ``PeftModel`` already wrapping it.
+        name: Adapter name (no dots).
+        peft_dir: Load the adapter from this PEFT directory (``is_trainable=True``), or
+        lora_config: create a fresh one with this ``LoraConfig``.
+
+    Returns:
+        The ``PeftModel``.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        if peft_dir is not None:
+            model.load_adapter(str(peft_dir), adapter_name=name, is_trainable=True)
+        else:
+            model.add_adapter(name, lora_config)
+        return model
+    if peft_dir is not None:
+        return PeftModel.from_pretrained(model, str(peft_dir), adapter_name=name, is_trainable=True)
+    return get_peft_model(model, lora_config, adapter_name=name)
+
+
+def adapter_parameters(peft_model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Return the LoRA parameters of adapter ``name`` in a ``PeftModel``."""
+    marker = f".{name}."
+    params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n and (marker in n or n.endswith("." + name))}
+    if not params:
+        raise ConfigError(f"adapter '{name}' has no LoRA parameters in the model (target modules matched nothing?).")
+    return params
+
+
+def activate(peft_model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Make ``name`` the active adapter; only its parameters require gradients.
+
+    Returns:
+        Its parameters.
+    """
+    peft_model.set_adapter(name)
+    params = adapter_parameters(peft_model, name)
+    chosen = {id(p) for p in params.values()}
+    for p in peft_model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return params
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: Any, autocast: bool = False) -> torch.Tensor:
+    """Answer-only LM loss of an encoded batch."""
+    from deltameta.tasks import lm_loss
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+    dev = torch.device(device).type
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return lm_loss(logits, batch["labels"])
+
+
+def logits_fn(model: nn.Module, autocast: bool = False):
+    """Return ``(input_ids, attention_mask) -> logits`` for the scorers (no grad)."""
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+
+    return run
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's input embeddings."""
+    return model.get_input_embeddings().weight.device
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    from deltameta.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

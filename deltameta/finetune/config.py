@@ -1,0 +1,105 @@
+"""``FinetuneConfig``: every key of ``deltameta finetune`` (recipes and ``key=value``).
+
+Keys that mean the same as in ``deltameta meta-train`` have the same names (``model``,
+``quantization``, ``tasks``, ``shots``, ``max_length``, ``rank``, ``alpha``, ``target_modules``,
+``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``eval_every``, ``seed``, ``output_dir``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from deltameta.config import field
+from deltameta.errors import ConfigError
+from deltameta.finetune.common import DEFAULT_TARGETS
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Configuration of a fine-tuning run (see ``deltameta finetune --help``)."""
+
+    # base model
+    model: str = field("smollm2-135m", "base model: alias (smollm2-135m, tiny-random-llama), local dir or hub id")
+    quantization: Literal["nf4", "fp4", "none"] = field("nf4", "4-bit quantization of the frozen base (nf4: QLoRA)")
+    double_quant: bool = field(False, "double-quantize the 4-bit constants")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    device: str = field("auto", "cpu, cuda, cuda:N or auto")
+    gradient_checkpointing: bool = field(False, "recompute activations in backward (less memory, ~30% slower)")
+    bf16: bool = field(False, "run forward/backward under bf16 autocast (GPU; the adapter stays fp32)")
+
+    # starting adapter
+    adapter: str = field("", "start from: a meta-train run dir, an exported PEFT dir or adapters/<name> ('' = fresh LoRA)")
+    dynamic: bool = field(False, "keep TARP's exact dynamic part (sidecar) active while training and copy it to the output")
+    rank: int = field(8, "fresh LoRA rank")
+    alpha: float = field(16.0, "fresh LoRA alpha (scaling alpha/rank)")
+    target_modules: list[str] = field(list(DEFAULT_TARGETS), "fresh LoRA sublayers")
+    lora_dropout: float = field(0.0, "fresh LoRA dropout")
+
+    # data
+    tasks: str = field("builtin:linear", "the task: any source 'deltameta tasks list' reads, or a jsonl of input/output lines")
+    task_names: list[str] = field([], "train only on these tasks of the source (default: all of them)")
+    builtin_tasks_per_family: int = field(1, "tasks generated per built-in family")
+    builtin_examples_per_task: int = field(64, "examples per built-in task")
+    shots: int = field(0, "use only this many training examples per task (0: all)")
+    val_fraction: float = field(0.1, "fraction of each task's examples held out for validation (0: none)")
+    val_tasks: str = field("", "separate validation source (overrides val_fraction)")
+    max_length: int = field(128, "maximum tokens per example")
+
+    # optimisation
+    steps: int = field(60, "optimizer steps (0: train for `epochs`)")
+    epochs: float = field(1.0, "epochs over the training examples when steps=0")
+    optimizer: Literal["adamw", "sgd"] = field("adamw", "optimizer of the adapter")
+    lr: float = field(1e-3, "peak learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = field("cosine", "decay after warmup")
+    warmup_steps: int = field(5, "linear warmup steps")
+    min_lr_ratio: float = field(0.0, "final lr as a fraction of lr (linear, cosine)")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    batch_size: int = field(8, "examples per micro-batch")
+    gradient_accumulation: int = field(1, "micro-batches per optimizer step")
+    max_grad_norm: float = field(1.0, "gradient norm clipping (0: off)")
+
+    # validation, output
+    eval_every: int = field(20, "validate every N steps (0: only at the end)")
+    eval_examples: int = field(64, "validation examples scored for accuracy (0: all)")
+    eval_accuracy: bool = field(True, "also score validation accuracy (multiple choice / exact match), not just loss")
+    early_stopping_patience: int = field(0, "stop after this many validations without improvement (0: off)")
+    early_stopping_min_delta: float = field(0.0, "smallest validation-loss decrease that counts as improvement")
+    save_best: bool = field(True, "keep the adapter with the lowest validation loss in OUTPUT/best")
+    seed: int = field(0, "seed of data order, splits and fresh-LoRA init")
+    output_dir: str = field("runs/finetune", "output directory")
+    plots: bool = field(True, "write PNG plots of the curves")
+    progress: bool = field(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Check ranges and combinations.
+
+        Raises:
+            ConfigError: naming the key, its value and what is valid.
+        """
+        for key in ("rank", "batch_size", "gradient_accumulation", "max_length", "builtin_tasks_per_family",
+                    "builtin_examples_per_task"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 1.")
+        for key in ("steps", "shots", "warmup_steps", "eval_every", "eval_examples", "early_stopping_patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
+        if self.steps == 0 and self.epochs <= 0:
+            raise ConfigError(f"steps=0 trains for `epochs`, but epochs={self.epochs}; give steps >= 1 or epochs > 0.")
+        for key in ("lr", "alpha"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: expected a positive number.")
+        for key in ("weight_decay", "max_grad_norm", "early_stopping_min_delta"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: expected a number >= 0.")
+        for key in ("val_fraction", "min_lr_ratio", "lora_dropout"):
+            if not 0 <= getattr(self, key) < 1 + (key == "min_lr_ratio"):
+                raise ConfigError(f"{key}={getattr(self, key)}: expected a fraction in [0, 1).")
+        if self.early_stopping_patience and not (self.val_fraction or self.val_tasks):
+            raise ConfigError("early_stopping_patience needs a validation split: set val_fraction > 0 or val_tasks=...")
+        if self.dynamic and not self.adapter:
+            raise ConfigError("dynamic=true keeps a meta-adapter's TARP sidecar; it needs adapter=... (a fresh LoRA has none).")
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty; give a directory for the run.")
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty; name at least one sublayer (e.g. [q_proj, v_proj]).")
