@@ -33,6 +33,7 @@ class MetaTrainConfig:
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios like train=0.8,validation=0.2")
     train_split: str = field("train", "split used for meta-training")
     val_split: str = field("validation", "held-out split for validation ('' to skip)")
+    val_holdout: float = field(0.0, "fraction of train_split's families held out for validation (replaces val_split when > 0)")
     builtin_tasks_per_family: int = field(16, "tasks generated per built-in family")
     builtin_examples_per_task: int = field(64, "examples per built-in task")
     task_weights: str = field("uniform", "episode task weighting: uniform, family or examples")
@@ -109,6 +110,8 @@ class MetaTrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a number >= 0.")
         if not 0 < self.budget_target <= 1:
             raise ConfigError(f"budget_target={self.budget_target}: expected a fraction in (0, 1].")
+        if not 0 <= self.val_holdout < 1:
+            raise ConfigError(f"val_holdout={self.val_holdout}: expected a fraction in [0, 1).")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected a fraction in [0, 1].")
         if self.task_weights not in ("uniform", "family", "examples"):

@@ -54,7 +54,7 @@ def load_splits(config: Any) -> TaskSplits:
                       builtin_examples_per_task=config.builtin_examples_per_task)
     result = load_tasks(config.tasks, **kwargs)
     if not isinstance(result, dict):
-        return TaskSplits(result, None, {"train": len(result)})
+        result = {config.train_split: result}
     names = {name: len(collection) for name, collection in result.items()}
     if config.train_split not in result:
         raise ConfigError(
@@ -62,6 +62,12 @@ def load_splits(config: Any) -> TaskSplits:
             f"the splits are: {', '.join(result)}."
         )
     validation = None
+    train = result[config.train_split]
+    if config.val_holdout > 0:
+        held = train.split_by_ratio({"train": 1 - config.val_holdout, "holdout": config.val_holdout}, seed=config.seed)
+        train, validation = held["train"], held["holdout"]
+        names.update({config.train_split: len(train), f"{config.train_split}-holdout": len(validation)})
+        return TaskSplits(train, validation, names)
     if config.val_split:
         if config.val_split not in result:
             raise ConfigError(
@@ -71,7 +77,7 @@ def load_splits(config: Any) -> TaskSplits:
         validation = result[config.val_split]
         if len(validation) == 0:
             validation = None
-    return TaskSplits(result[config.train_split], validation, names)
+    return TaskSplits(train, validation, names)
 
 
 def make_sampler(collection: Any, config: Any, seed: int, what: str) -> Any:
