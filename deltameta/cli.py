@@ -42,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come before and after options (`x=1 --overwrite y=2`):
+    # argparse stops collecting positionals at the first option, so collect the rest here.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         + "\n\nexamples:\n  deltameta meta-train\n"
         "  deltameta meta-train --config recipes/meta_train/smollm2_135m_tarp_bigbench.yaml tasks=../shared/data/bigbench-lite\n"
         "  deltameta meta-train algorithm=maml inner_steps=1 outer_steps=20 output_dir=runs/maml\n"
-        "  deltameta meta-train --resume runs/meta-train",
+        "  deltameta meta-train --resume runs/meta-train\n"
+        "  torchrun --nproc_per_node 2 -m deltameta meta-train meta_batch_size=4   # task-parallel, see docs/distributed.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="RECIPE", help="recipe YAML (see recipes/meta_train/)")
@@ -74,10 +75,13 @@ def resolve_config(recipe: str | None, overrides: list[str], resume: str | None)
 
 def run(args: argparse.Namespace) -> int:
     """Run ``deltameta meta-train``."""
+    from deltameta.meta.distributed import env_world
     from deltameta.meta.trainer import run_meta_train
 
     config = resolve_config(args.config, args.overrides, args.resume)
     result = run_meta_train(config, overwrite=args.overwrite, resume=args.resume is not None)
+    if env_world()[0] != 0:  # under torchrun / accelerate launch, rank 0 reports
+        return 0
     lines = [f"meta-train finished: {result.steps} steps in {result.seconds:.0f} s ({result.skipped} skipped)",
              f"run directory: {result.run_dir}"]
     if result.initial_validation and result.final_validation:

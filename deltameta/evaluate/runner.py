@@ -171,6 +171,8 @@ class Evaluator:
         meta = self.sources.get("meta")
         if meta is not None and meta.algorithm == "multitask":
             self.warnings.append("the meta adapter comes from algorithm=multitask (the baseline), not a meta-learner.")
+        if meta is not None and meta.algorithm == "none":
+            self.warnings.append("the meta adapter comes from algorithm=none: a freshly initialised adapter, not meta-trained.")
         for warning in self.warnings:
             logger.warning(warning)
 

@@ -1,4 +1,4 @@
-"""Meta-learning algorithms over delta tensors: FOMAML, MAML, Reptile, Meta-SGD, multitask.
+"""Meta-learning algorithms over delta tensors: FOMAML, MAML, Reptile, Meta-SGD, baselines.
 
 Each algorithm turns one task (a support and a query batch) — or, task-batched, T tasks at once
 — into a contribution to the meta-gradient, accumulated into the ``.grad`` of the
@@ -15,6 +15,11 @@ The outer optimizer step is the trainer's business (:mod:`deltameta.meta.trainer
 * ``multitask``: the baseline — the same adapter trained on the same tasks' examples with plain
   batches and the same number of forward/backward passes (``inner_steps + 1`` per task), no
   adaptation.
+* ``none``: the fresh-adapter baseline — no meta-training at all; the trainer only validates and
+  exports the freshly initialised adapter.
+
+The inner optimizer is SGD or Adam (``InnerLoop.optimizer``; Adam's state is differentiable, so
+it works with second-order MAML too).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from deltameta.errors import ConfigError
 from deltameta.meta import batched as B
 from deltameta.meta import functional as F
 
-ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask")
+ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask", "none")
 
 
 @dataclasses.dataclass
@@ -38,16 +43,26 @@ class InnerLoop:
     """Inner-loop settings.
 
     Attributes:
-        steps: SGD steps on the support batch.
+        steps: Optimizer steps on the support batch.
         lr: Inner learning rate (Meta-SGD: the initial value of each learned rate).
         first_order: Drop second-order terms.
         clip: Inner gradient global-norm threshold (``None``/0: off).
+        optimizer: ``sgd`` or ``adam`` (state kept in the graph, fresh for every task).
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's epsilon.
     """
 
     steps: int = 1
     lr: float = 0.1
     first_order: bool = True
     clip: float | None = None
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`functional.adapt` that select the optimizer."""
+        return {"optimizer": self.optimizer, "betas": tuple(self.betas), "eps": self.eps}
 
 
 @dataclasses.dataclass
@@ -150,6 +165,7 @@ class MetaAlgorithm:
             clip=self.inner.clip,
             task_dim=groups is not None,
             losses=losses,
+            **self.inner.optimizer_kwargs(),
         )
 
     def task_step(self, support: Mapping[str, Tensor], query: Mapping[str, Tensor], scale: float) -> TaskResult:
@@ -203,17 +219,23 @@ class MetaAlgorithm:
         saved = [p.detach().clone() for p in tensors]
         lr = self.inner_lr()
         losses: list[float] = []
+        moments: dict[str, tuple[Tensor | None, Tensor | None]] = {}
         try:
             with self.forward_context():
-                for _ in range(self.inner.steps):
+                for step in range(1, self.inner.steps + 1):
                     loss = self._plain_loss(support)
                     losses.append(float(loss.detach()))
                     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                     grads = F.clip_grads(list(grads), self.inner.clip)
                     with torch.no_grad():
                         for name, p, g in zip(names, tensors, grads):
-                            if g is not None:
-                                p.sub_((lr[name].detach() if isinstance(lr, Mapping) else lr) * g)
+                            if g is None:
+                                continue
+                            if self.inner.optimizer == "adam":
+                                g, m, v = F.adam_direction(g, *moments.get(name, (None, None)), step,
+                                                           tuple(self.inner.betas), self.inner.eps)
+                                moments[name] = (m, v)
+                            p.sub_((lr[name].detach() if isinstance(lr, Mapping) else lr) * g)
                 query_grad = self.name != "reptile"
                 if not query_grad:
                     for p in tensors:
@@ -369,6 +391,23 @@ class Multitask(MetaAlgorithm):
         return _mean_results([self.task_step(s, q, scale) for s, q in zip(supports, queries)])
 
 
+class NoMetaTraining(MetaAlgorithm):
+    """The fresh-adapter baseline (``algorithm=none``): no meta-training at all.
+
+    The trainer runs no outer step with it; it only validates the freshly initialised adapter
+    (adapting it with the same inner loop as the meta-learners) and exports it, so that a
+    ``none`` run directory can be evaluated exactly like a meta-trained one.
+    """
+
+    name = "none"
+
+    def task_step(self, support, query, scale):  # noqa: D102 - see base class
+        raise ConfigError("algorithm=none does no meta-training; it has no meta-gradient to compute.")
+
+    def tasks_step_batched(self, supports, queries, scale, pad_token_id=0):  # noqa: D102
+        raise ConfigError("algorithm=none does no meta-training; it has no meta-gradient to compute.")
+
+
 def _mean_results(results: Sequence[TaskResult]) -> TaskResult:
     n = len(results)
     return TaskResult(
@@ -386,6 +425,7 @@ _CLASSES: dict[str, type[MetaAlgorithm]] = {
     "reptile": Reptile,
     "metasgd": MetaSGD,
     "multitask": Multitask,
+    "none": NoMetaTraining,
 }
 
 
@@ -403,20 +443,22 @@ def make_algorithm(
         name: One of :data:`ALGORITHMS`.
         model: Model with injected deltas.
         params: Meta-parameters.
-        inner: Inner-loop settings (``maml`` forces ``first_order=False``, ``fomaml`` and
-            ``reptile`` force ``True``).
+        inner: Inner-loop settings (``maml`` forces ``first_order=False``; ``fomaml``,
+            ``reptile``, ``multitask`` and ``none`` force ``True``).
         forward_context: See :class:`MetaAlgorithm`.
         loss_fn_factory: See :class:`MetaAlgorithm`.
 
     Raises:
-        ConfigError: unknown name.
+        ConfigError: unknown name or inner optimizer.
     """
     if name not in _CLASSES:
         raise ConfigError(f"algorithm={name!r}: expected one of {', '.join(ALGORITHMS)}.")
+    if inner.optimizer not in F.INNER_OPTIMIZERS:
+        raise ConfigError(f"inner optimizer {inner.optimizer!r}: expected one of {', '.join(F.INNER_OPTIMIZERS)}.")
     inner = dataclasses.replace(inner)
     if name == "maml":
         inner.first_order = False
-    elif name in ("fomaml", "reptile", "multitask"):
+    elif name in ("fomaml", "reptile", "multitask", "none"):
         inner.first_order = True
     return _CLASSES[name](model, params, inner, forward_context, loss_fn_factory)
 
@@ -434,8 +476,8 @@ def evaluate_task(
             order since no meta-gradient is needed).
         support: Encoded support batch.
         query: Encoded query batch.
-        steps: Inner steps (default: the algorithm's; ``multitask`` adapts with the same inner
-            loop so that the baseline is compared fairly).
+        steps: Inner steps (default: the algorithm's; the ``multitask`` and ``none`` baselines
+            adapt with the same inner loop so that they are compared fairly).
 
     Returns:
         ``(query_loss_before, query_loss_after)``.
@@ -449,7 +491,7 @@ def evaluate_task(
         with torch.no_grad():
             before = float(loss_fn(base, query))
         fast = F.adapt(base, support, loss_fn, steps=algorithm.inner.steps if steps is None else steps, lr=lr,
-                       first_order=True, clip=algorithm.inner.clip)
+                       first_order=True, clip=algorithm.inner.clip, **algorithm.inner.optimizer_kwargs())
         with torch.no_grad():
             after = float(loss_fn({k: v.detach() for k, v in fast.items()}, query))
     return before, after

@@ -3,7 +3,9 @@
 A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNN/`` holding ``trainer_state.pt``:
 the meta-parameters (deltas, Meta-SGD learning rates), the controller, both optimizers, the
 learning-rate scheduler, the episode sampler's position, every random generator state (Python,
-NumPy, torch CPU/CUDA, the controller's Gumbel generator) and the trainer's counters. It is
+NumPy, torch CPU/CUDA; the controller's Gumbel noise is seeded per episode and needs none) and the
+trainer's counters. Nothing in it depends on the number of processes, so a run can resume on
+another world size (see :mod:`deltameta.meta.distributed`). It is
 written into a temporary sibling and renamed into place, so a reader (or a crash) never sees half
 a checkpoint, and loaded with ``torch.load(weights_only=True)`` (no pickled code).
 """

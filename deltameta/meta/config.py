@@ -13,7 +13,7 @@ from typing import Literal
 from deltameta.config import field
 from deltameta.errors import ConfigError
 
-ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask")
+ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask", "none")
 
 
 @dataclasses.dataclass
@@ -58,11 +58,14 @@ class MetaTrainConfig:
     entropy_weight: float = field(0.0, "weight of the controller entropy term")
 
     # meta-learning
-    algorithm: Literal["fomaml", "maml", "reptile", "metasgd", "multitask"] = field("fomaml", "meta-learning algorithm")
+    algorithm: Literal["fomaml", "maml", "reptile", "metasgd", "multitask", "none"] = field(
+        "fomaml", "meta-learning algorithm; multitask and none (a fresh adapter, no training) are the baselines")
     first_order: bool | None = field(None, "metasgd: drop second-order terms (default: first-order except maml)")
-    inner_steps: int = field(2, "inner SGD steps on the support set")
+    inner_steps: int = field(2, "inner optimizer steps on the support set")
     inner_lr: float = field(0.05, "inner learning rate (metasgd: initial value)")
     inner_clip: float = field(1.0, "inner gradient norm clipping (0: off)")
+    inner_optimizer: Literal["sgd", "adam"] = field(
+        "sgd", "inner-loop optimizer: sgd, or adam with differentiable state (inner_lr is then Adam's step size, e.g. 1e-3)")
     outer_steps: int = field(36, "outer (meta) steps")
     meta_batch_size: int = field(4, "tasks per meta-batch (gradient accumulation over tasks)")
     task_batched: bool = field(True, "run the meta-batch's tasks in one batched forward/backward (same result as looping)")
@@ -116,14 +119,14 @@ class MetaTrainConfig:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected a fraction in [0, 1].")
         if self.task_weights not in ("uniform", "family", "examples"):
             raise ConfigError(f"task_weights='{self.task_weights}': expected uniform, family or examples.")
-        if self.gradient_checkpointing and self.algorithm not in ("fomaml", "reptile", "multitask"):
+        if self.gradient_checkpointing and self.algorithm not in ("fomaml", "reptile", "multitask", "none"):
             raise ConfigError(
                 f"gradient_checkpointing=true needs a first-order algorithm without learned inner rates "
                 f"(algorithm={self.algorithm}); use algorithm=fomaml, reptile or multitask."
             )
         if self.gradient_checkpointing and self.task_batched:
             raise ConfigError("gradient_checkpointing=true runs tasks one by one; set task_batched=false.")
-        if self.first_order is False and self.algorithm in ("fomaml", "reptile", "multitask"):
+        if self.first_order is False and self.algorithm in ("fomaml", "reptile", "multitask", "none"):
             raise ConfigError(f"first_order=false contradicts algorithm={self.algorithm}; use algorithm=maml or metasgd.")
         if self.first_order is True and self.algorithm == "maml":
             raise ConfigError("first_order=true with algorithm=maml is algorithm=fomaml; pick one.")

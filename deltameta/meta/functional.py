@@ -17,6 +17,8 @@ module; only the delta tensors travel, as a ``name -> tensor`` dict fed to
 ``adapt`` returns new tensors that are functions of the input dict, so the query loss
 differentiates back to the meta-parameters: through the full second-order graph when
 ``first_order=False``, or with the identity Jacobian (first-order MAML) when ``first_order=True``.
+The inner optimizer is SGD (default) or Adam (``optimizer="adam"``), whose moment estimates are
+ordinary tensors of the graph, so second-order meta-gradients flow through them as well.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from deltameta.errors import ConfigError
+
 Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
 LossFn = Callable[[Mapping[str, Tensor], Batch], Tensor]
 
 #: Keys of an encoded batch that are model inputs (``labels`` is kept for the loss).
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+#: Inner-loop optimizers of :func:`adapt`.
+INNER_OPTIMIZERS = ("sgd", "adam")
 
 
 def inject(model: nn.Module, config: Any) -> nn.Module:
@@ -182,6 +189,35 @@ def clip_grads(grads: list[Tensor | None], max_norm: float | None, task_dim: boo
     return [None if g is None else g * scale.to(g.dtype) for g in grads]
 
 
+def inner_gradients(
+    params: Mapping[str, Tensor],
+    loss: Tensor,
+    first_order: bool = True,
+    clip: float | None = None,
+    task_dim: bool = False,
+) -> list[Tensor | None]:
+    """Gradients of ``loss`` with respect to ``params`` (in order), clipped, for one inner step.
+
+    Args:
+        params: Current tensors.
+        loss: Scalar loss computed from ``params`` (it must require grad).
+        first_order: Detach the gradients; otherwise keep their graph (``create_graph=True``).
+        clip: Global-norm threshold (per task when ``task_dim``).
+        task_dim: Params carry a leading task dimension.
+
+    Returns:
+        One gradient per tensor of ``params`` (``None`` where ``loss`` does not depend on it).
+    """
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order, allow_unused=True)
+    if first_order:
+        grads = tuple(None if g is None else g.detach() for g in grads)
+    return clip_grads(list(grads), clip, task_dim=task_dim)
+
+
+def _lr_of(lr: float | Mapping[str, Tensor], name: str) -> float | Tensor:
+    return lr[name] if isinstance(lr, Mapping) else lr
+
+
 def sgd_step(
     params: Mapping[str, Tensor],
     loss: Tensor,
@@ -205,21 +241,103 @@ def sgd_step(
     Returns:
         The updated tensors ``p - lr * g``.
     """
-    names = list(params)
-    tensors = [params[n] for n in names]
     if not loss.requires_grad:  # e.g. the controller switched every delta off: nothing to adapt
         return dict(params)
-    grads = torch.autograd.grad(loss, tensors, create_graph=not first_order, allow_unused=True)
-    if first_order:
-        grads = tuple(None if g is None else g.detach() for g in grads)
-    grads = clip_grads(list(grads), clip, task_dim=task_dim)
+    grads = inner_gradients(params, loss, first_order=first_order, clip=clip, task_dim=task_dim)
     new: Params = {}
-    for name, p, g in zip(names, tensors, grads):
+    for (name, p), g in zip(params.items(), grads):
+        new[name] = p if g is None else p - _lr_of(lr, name) * g
+    return new
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` whose derivative at ``v == 0`` is 0 instead of ``inf`` (which would give NaN)."""
+    if not v.requires_grad:
+        return v.sqrt()
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+def adam_direction(
+    grad: Tensor,
+    m: Tensor | None,
+    v: Tensor | None,
+    step: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One Adam update of a single tensor, written out of differentiable tensor operations.
+
+    Args:
+        grad: The gradient (with its graph for second-order meta-gradients).
+        m: First-moment estimate before this step (``None`` at the first step: zeros).
+        v: Second-moment estimate before this step (``None``: zeros).
+        step: 1-based step number (for the bias corrections).
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's epsilon (added to ``sqrt(v_hat)``).
+
+    Returns:
+        ``(direction, m, v)``: the parameter moves by ``-lr * direction``; ``m`` and ``v`` are
+        the new moment estimates (new tensors, never updated in place).
+    """
+    beta1, beta2 = betas
+    m = (1 - beta1) * grad if m is None else beta1 * m + (1 - beta1) * grad
+    v = (1 - beta2) * grad * grad if v is None else beta2 * v + (1 - beta2) * grad * grad
+    m_hat = m / (1 - beta1**step)
+    v_hat = v / (1 - beta2**step)
+    return m_hat / (_sqrt(v_hat) + eps), m, v
+
+
+def adam_step(
+    params: Mapping[str, Tensor],
+    loss: Tensor,
+    lr: float | Mapping[str, Tensor],
+    state: dict[str, Any],
+    first_order: bool = True,
+    clip: float | None = None,
+    task_dim: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> Params:
+    """One differentiable Adam step on ``params``.
+
+    The moment estimates live in ``state`` as ordinary tensors: with ``first_order=False`` they
+    carry the graph of the gradients they were built from, so the query loss differentiates
+    through every inner step including the optimizer's state (second-order MAML with Adam).
+
+    Args:
+        params: Current tensors.
+        loss: Scalar loss computed from ``params``.
+        lr: Step size, or a per-tensor mapping (Meta-SGD).
+        state: The optimizer state of this inner loop, ``{}`` before the first step; this
+            function rebinds its entries ``step``, ``m`` and ``v`` (the tensors themselves are
+            never modified in place).
+        first_order: Detach the gradients (and hence the state).
+        clip: Global-norm threshold for the inner gradient (applied before Adam).
+        task_dim: Params carry a leading task dimension (clipping is per task; Adam is
+            element-wise, so each task's slice has its own state).
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's epsilon.
+
+    Returns:
+        The updated tensors ``p - lr * m_hat / (sqrt(v_hat) + eps)``.
+    """
+    if not loss.requires_grad:
+        return dict(params)
+    grads = inner_gradients(params, loss, first_order=first_order, clip=clip, task_dim=task_dim)
+    step = int(state.get("step", 0)) + 1
+    moments_m: dict[str, Tensor] = dict(state.get("m", {}))
+    moments_v: dict[str, Tensor] = dict(state.get("v", {}))
+    new: Params = {}
+    for (name, p), g in zip(params.items(), grads):
         if g is None:
             new[name] = p
             continue
-        step_lr = lr[name] if isinstance(lr, Mapping) else lr
-        new[name] = p - step_lr * g
+        direction, moments_m[name], moments_v[name] = adam_direction(
+            g, moments_m.get(name), moments_v.get(name), step, betas, eps
+        )
+        new[name] = p - _lr_of(lr, name) * direction
+    state.update(step=step, m=moments_m, v=moments_v)
     return new
 
 
@@ -233,8 +351,11 @@ def adapt(
     clip: float | None = None,
     task_dim: bool = False,
     losses: list[float] | None = None,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> Params:
-    """Adapt ``params`` to a task with ``steps`` SGD steps on its support batch.
+    """Adapt ``params`` to a task with ``steps`` optimizer steps on its support batch.
 
     The returned tensors are functions of ``params`` (never in-place updates), so a loss on them
     backpropagates to the meta-parameters. Leaf tensors that do not require grad are made to (on
@@ -251,10 +372,20 @@ def adapt(
         task_dim: Params carry a leading task dimension and ``loss_fn`` returns the sum of
             per-task losses (see :func:`lm_loss_fn` with ``groups``).
         losses: If given, each step's support loss (a float) is appended.
+        optimizer: ``sgd`` or ``adam`` (differentiable state, fresh for every call; see
+            :func:`adam_step`).
+        betas: Adam's ``(beta1, beta2)`` (``adam`` only).
+        eps: Adam's epsilon (``adam`` only).
 
     Returns:
         The adapted ``name -> tensor`` dict.
+
+    Raises:
+        ConfigError: unknown ``optimizer``.
     """
+    if optimizer not in INNER_OPTIMIZERS:
+        raise ConfigError(f"inner optimizer {optimizer!r}: expected one of {', '.join(INNER_OPTIMIZERS)}.")
+    state: dict[str, Any] = {}
     current: Params = {}
     for name, p in params.items():
         current[name] = p if p.requires_grad else p.detach().requires_grad_(True)
@@ -263,7 +394,11 @@ def adapt(
             loss = loss_fn(current, support_batch)
             if losses is not None:
                 losses.append(float(loss.detach()))
-            current = sgd_step(current, loss, lr, first_order=first_order, clip=clip, task_dim=task_dim)
+            if optimizer == "adam":
+                current = adam_step(current, loss, lr, state, first_order=first_order, clip=clip, task_dim=task_dim,
+                                    betas=betas, eps=eps)
+            else:
+                current = sgd_step(current, loss, lr, first_order=first_order, clip=clip, task_dim=task_dim)
     return current
 
 

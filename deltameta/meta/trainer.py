@@ -12,6 +12,10 @@
 4. at the end write the final meta-state, the PEFT export, plots and the run status.
 
 A run resumed from its last checkpoint reproduces the uninterrupted run bit for bit on CPU.
+
+Launched on several processes (``torchrun``, ``accelerate launch``), each rank runs its share of
+every meta-batch and the meta-gradients are summed before the step (see
+:mod:`deltameta.meta.distributed`); rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from torch import nn
 from deltameta.errors import DeltametaError
 from deltameta.meta import checkpoint as ckpt
 from deltameta.meta import data
+from deltameta.meta import distributed as D
 from deltameta.meta.algorithms import InnerLoop, MetaAlgorithm, TaskResult, _mean_results, evaluate_task, make_algorithm
 from deltameta.meta.config import MetaTrainConfig
 from deltameta.meta.run_dir import MetricsLog, write_config, write_plots, write_status
+from deltameta.tasks.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +86,6 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], 
     return factor
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -108,11 +108,14 @@ class MetaTrainer:
         resume: Continue from the newest checkpoint in ``run_dir``.
         model: Optional preloaded base ``(model, tokenizer)`` (fresh, without deltas); by default
             the base named by ``config.model`` is loaded.
+        dist: The process's place in a distributed run; default: the initialised process group,
+            if any (see :func:`deltameta.meta.distributed.current`).
     """
 
     def __init__(self, config: MetaTrainConfig, run_dir: str | Path, resume: bool = False,
-                 model: tuple[nn.Module, Any] | None = None) -> None:
+                 model: tuple[nn.Module, Any] | None = None, dist: D.DistContext | None = None) -> None:
         self.config = config
+        self.dist = dist if dist is not None else D.current()
         self.run_dir = Path(run_dir)
         self.resume = resume
         self._preloaded = model
@@ -129,16 +132,18 @@ class MetaTrainer:
 
     def _setup(self) -> None:
         c = self.config
+        D.check_run(c, self.dist)
         torch.manual_seed(c.seed)
-        self.device = _resolve_device(c.device)
+        self.device = D.resolve_device(c.device, self.dist)
         if self._preloaded is not None:
             self.model, self.tokenizer = self._preloaded
         else:
             from deltameta.base import load_base
 
             dtype = None if c.compute_dtype == "auto" else c.compute_dtype
-            self.model, self.tokenizer = load_base(c.model, c.quantization, compute_dtype=dtype,
-                                                   double_quant=c.double_quant, device=self.device, seed=c.seed)
+            with self.dist.local_main_first():  # one download / 4-bit preparation per machine
+                self.model, self.tokenizer = load_base(c.model, c.quantization, compute_dtype=dtype,
+                                                       double_quant=c.double_quant, device=self.device, seed=c.seed)
         from deltameta.deltas import ArchController, delta_parameters, inject_deltas
 
         if c.gradient_checkpointing:
@@ -153,8 +158,8 @@ class MetaTrainer:
         inject_deltas(self.model, self.delta_config)
         self.params = delta_parameters(self.model)
         self.controller = ArchController.for_model(self.model, self.delta_config) if c.controller != "none" else None
-        self.generator = torch.Generator().manual_seed(c.seed + 1)
-        inner = InnerLoop(steps=c.inner_steps, lr=c.inner_lr, first_order=c.is_first_order(), clip=c.inner_clip or None)
+        inner = InnerLoop(steps=c.inner_steps, lr=c.inner_lr, first_order=c.is_first_order(), clip=c.inner_clip or None,
+                          optimizer=c.inner_optimizer)
         self.algorithm: MetaAlgorithm = make_algorithm(
             c.algorithm, self.model, self.params, inner,
             loss_fn_factory=lambda m, groups: _lm_loss_fn(m, groups),
@@ -179,7 +184,8 @@ class MetaTrainer:
         start_step = 0
         if self.resume:
             start_step = self._load_latest()
-        self.metrics = MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None)
+        self.metrics = (MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None)
+                        if self.dist.is_main else D.NullMetricsLog())
 
     def _encode(self, episode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         support = data.encode(self.tokenizer, episode.task, episode.support, self.config.max_length)
@@ -196,13 +202,19 @@ class MetaTrainer:
 
         return task_embedding(self.model, batch["input_ids"], batch["attention_mask"])
 
-    def _sample_weights(self, supports: list[dict[str, torch.Tensor]], tau: float) -> torch.Tensor | None:
-        """One straight-through Gumbel sample per task: ``[n_sub, n_ops]`` or ``[T, n_sub, n_ops]``."""
+    def _sample_weights(self, supports: list[dict[str, torch.Tensor]], tau: float,
+                        indices: list[int]) -> torch.Tensor | None:
+        """One straight-through Gumbel sample per task: ``[n_sub, n_ops]`` or ``[T, n_sub, n_ops]``.
+
+        The noise of a task is drawn from a generator seeded by ``(seed, episode index)``, so it is
+        the same whichever rank runs the task (and needs no state in the checkpoint).
+        """
         if self.controller is None:
             return None
         samples = []
-        for support in supports:
-            weights = self.controller(self._embedding(support), tau=tau, hard=True, generator=self.generator)
+        for support, index in zip(supports, indices):
+            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "gumbel", index))
+            weights = self.controller(self._embedding(support), tau=tau, hard=True, generator=generator)
             samples.append(weights.to(self.device))
         return samples[0] if len(samples) == 1 else torch.stack(samples)
 
@@ -218,14 +230,14 @@ class MetaTrainer:
         """Back-propagate the budget and entropy terms; return the controller's statistics."""
         c = self.config
         emb = None
-        if self.controller.mode == "task":
-            emb = torch.stack([self._embedding(s) for s in supports])
+        if self.controller.mode == "task":  # the regularisers see the whole meta-batch on every rank
+            emb = self.dist.gather_tasks(torch.stack([self._embedding(s) for s in supports]))
         probs = self.controller.probs(emb)
         maximum = self.controller.max_params()
         budget = self.controller.budget_loss(c.budget_target * maximum, probs=probs)
         entropy = self.controller.entropy(probs=probs)
         loss = c.budget_weight * budget + c.entropy_weight * entropy
-        if loss.requires_grad:
+        if loss.requires_grad and self.dist.is_main:  # counted once in the summed meta-gradient
             loss.backward()
         return {
             "controller_entropy": float(entropy.detach()),
@@ -248,27 +260,30 @@ class MetaTrainer:
         c = self.config
         started = time.perf_counter()
         tau = temperature(self.step, c.outer_steps, c.tau_start, c.tau_end, c.tau_schedule)
-        episodes = self.sampler.sample_batch(c.meta_batch_size)
+        episodes = self.sampler.sample_batch(c.meta_batch_size, self.dist.rank, self.dist.world_size)
+        indices = [e.index for e in episodes]
         encoded = [self._encode(e) for e in episodes]
         supports = [s for s, _ in encoded]
         queries = [q for _, q in encoded]
         self.optimizer.zero_grad(set_to_none=True)
         if self.controller_optimizer is not None:
             self.controller_optimizer.zero_grad(set_to_none=True)
-        scale = 1.0 / len(encoded)
+        scale = 1.0 / c.meta_batch_size  # the global meta-batch, however it is sharded
         if c.task_batched and len(encoded) > 1:
-            with self._apply(self._sample_weights(supports, tau)):
+            with self._apply(self._sample_weights(supports, tau, indices)):
                 result = self.algorithm.tasks_step_batched(supports, queries, scale, self.pad_id)
         else:
             results: list[TaskResult] = []
-            for support, query in encoded:
-                with self._apply(self._sample_weights([support], tau)):
+            for (support, query), index in zip(encoded, indices):
+                with self._apply(self._sample_weights([support], tau, [index])):
                     results.append(self.algorithm.task_step(support, query, scale))
             result = _mean_results(results)
+        result = D.reduce_task_result(self.dist, result, len(encoded), c.meta_batch_size)
         row: dict[str, Any] = {"kind": "train", "step": self.step + 1, "lr": self.scheduler.get_last_lr()[0], "tau": tau}
         if self.controller is not None:
             row.update(self._controller_regularisers(supports))
         params = self._meta_parameters()
+        self.dist.all_reduce_grads(params)
         finite = result.finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
         if finite:
             self.nonfinite_run = 0
@@ -283,8 +298,9 @@ class MetaTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.controller_optimizer is not None:
                 self.controller_optimizer.zero_grad(set_to_none=True)
-            logger.warning("step %d: non-finite loss or gradient; step skipped (%d in a row, %d in total)",
-                           self.step + 1, self.nonfinite_run, self.skipped)
+            if self.dist.is_main:
+                logger.warning("step %d: non-finite loss or gradient; step skipped (%d in a row, %d in total)",
+                               self.step + 1, self.nonfinite_run, self.skipped)
         self.scheduler.step()
         self.step += 1
         seconds = time.perf_counter() - started
@@ -305,7 +321,8 @@ class MetaTrainer:
         if self.nonfinite_run >= c.max_nonfinite:
             last = ckpt.latest_checkpoint(self.run_dir)
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            write_status(self.run_dir, "failed", reason="non-finite losses", step=self.step)
+            if self.dist.is_main:
+                write_status(self.run_dir, "failed", reason="non-finite losses", step=self.step)
             raise TrainingError(
                 f"{self.nonfinite_run} non-finite meta-steps in a row (max_nonfinite={c.max_nonfinite}) at step "
                 f"{self.step}; stopping. {where}. Lower inner_lr/outer_lr, enable inner_clip/meta_clip, "
@@ -314,16 +331,20 @@ class MetaTrainer:
         return row
 
     def validate(self) -> tuple[float, float] | None:
-        """Mean held-out query loss before and after adaptation (controller: argmax structure)."""
+        """Mean held-out query loss before and after adaptation (controller: argmax structure).
+
+        Distributed, each rank evaluates its share of the held-out episodes and the sums are reduced.
+        """
         if not self.val_batches:
             return None
         befores, afters = [], []
-        for support, query in self.val_batches:
+        for support, query in self.val_batches[self.dist.rank::self.dist.world_size]:
             with self._apply(self._decided_weights(support)):
                 before, after = evaluate_task(self.algorithm, support, query)
             befores.append(before)
             afters.append(after)
-        result = (sum(befores) / len(befores), sum(afters) / len(afters))
+        total_before, total_after = self.dist.sum_floats([sum(befores), sum(afters)])
+        result = (total_before / len(self.val_batches), total_after / len(self.val_batches))
         self.metrics.log({"kind": "validation", "step": self.step, "query_before": result[0], "query_after": result[1],
                           "adaptation_gain": result[0] - result[1]})
         return result
@@ -341,7 +362,7 @@ class MetaTrainer:
             "controller_optimizer": self.controller_optimizer.state_dict() if self.controller_optimizer else {},
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": ckpt.rng_state(self.generator),
+            "rng": ckpt.rng_state(),
             "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run, "best": self.best,
                          "tokens_total": self.tokens_total,
                          "initial_validation": list(self.initial_validation) if self.initial_validation else None},
@@ -361,7 +382,7 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        ckpt.set_rng_state(state["rng"], self.generator)
+        ckpt.set_rng_state(state["rng"])
         counters = state["counters"]
         self.step = int(state["step"])
         self.skipped = int(counters["skipped"])
@@ -371,16 +392,22 @@ class MetaTrainer:
         initial = counters.get("initial_validation")
         self.initial_validation = tuple(initial) if initial else None
 
-    def _load_latest(self) -> int:
+    def _read_latest(self) -> tuple[Path, dict[str, Any]]:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             raise ckpt.CheckpointError(f"--resume {self.run_dir}: the run has no complete checkpoint to resume from.")
-        self.load_state_dict(ckpt.load_checkpoint(latest))
+        return latest, ckpt.load_checkpoint(latest)
+
+    def _load_latest(self) -> int:
+        latest, state = self.dist.run_on_main(self._read_latest)  # rank 0 reads, every rank loads
+        self.load_state_dict(state)
         logger.info("resuming %s from %s (step %d)", self.run_dir, latest.name, self.step)
         return self.step
 
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step (atomic, keeps the last N)."""
+        """Write the checkpoint of the current step (atomic, keeps the last N; rank 0 only)."""
+        if not self.dist.is_main:
+            return ckpt.checkpoint_dir(self.run_dir, self.step)
         return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.config.keep_checkpoints)
 
     def _save_meta_state(self, directory: Path, final: bool = False) -> None:
@@ -417,34 +444,38 @@ class MetaTrainer:
     def train(self) -> TrainResult:
         """Run (or continue) the outer loop to ``outer_steps`` and write the run's outputs."""
         c = self.config
-        write_config(self.run_dir, c)
-        write_status(self.run_dir, "running", step=self.step, outer_steps=c.outer_steps)
+        # algorithm=none (the fresh-adapter baseline) trains nothing: validate and export step 0
+        total = 0 if c.algorithm == "none" else c.outer_steps
+        if self.dist.is_main:
+            write_config(self.run_dir, c)
+            write_status(self.run_dir, "running", step=self.step, outer_steps=total)
         started = time.perf_counter()
         if self.step == 0 and not self.resume:
             self.initial_validation = self.validate()
             self.last_validation = self.initial_validation
-        progress = _progress(c.outer_steps, self.step, c.progress)
+        progress = _progress(total, self.step, c.progress) if total and self.dist.is_main else None
         try:
-            while self.step < c.outer_steps:
+            while self.step < total:
                 row = self.train_step()
                 if progress is not None:
                     progress.set_postfix(loss=f"{row['query_after']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                                          val=f"{self.last_validation[1]:.3f}" if self.last_validation else "-",
                                          refresh=False)
                     progress.update(1)
-                last = self.step == c.outer_steps
+                last = self.step == total
                 if (c.eval_every and self.step % c.eval_every == 0) or last:
                     self.last_validation = self.validate()
                     if self.last_validation is not None and (self.best is None or self.last_validation[1] < self.best):
                         self.best = self.last_validation[1]
-                        self._save_meta_state(self.run_dir / "best")
+                        if self.dist.is_main:
+                            self._save_meta_state(self.run_dir / "best")
                 if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or last:
                     self.save_checkpoint()
         finally:
             if progress is not None:
                 progress.close()
         seconds = time.perf_counter() - started
-        export_error = self._finish()
+        export_error = self.dist.run_on_main(self._finish)  # the other ranks wait for the outputs
         self.metrics.close()
         return TrainResult(self.run_dir, self.step, self.skipped, self.initial_validation, self.last_validation,
                            self.best, seconds, export_error)
@@ -504,12 +535,22 @@ def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: boo
         resume: Continue the run in ``output_dir`` from its newest checkpoint.
         model: Optional preloaded fresh base ``(model, tokenizer)``.
 
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``) this initialises the process
+    group (and destroys it at the end) and runs task-parallel (see :mod:`deltameta.meta.distributed`).
+
     Raises:
-        ConfigError: the output directory holds another run (without ``overwrite``/``resume``).
+        ConfigError: the output directory holds another run (without ``overwrite``/``resume``);
+            distributed: the meta-batch does not divide over the processes, or the ranks' configs differ.
         TrainingError: too many non-finite steps in a row.
     """
     from deltameta.meta.run_dir import prepare_run_dir
 
-    run_dir = prepare_run_dir(config.output_dir, overwrite=overwrite, resume=resume)
-    trainer = MetaTrainer(config, run_dir, resume=resume, model=model)
-    return trainer.train()
+    dist, created = D.setup(config.device)
+    try:
+        D.check_run(config, dist)
+        run_dir = dist.run_on_main(prepare_run_dir, config.output_dir, overwrite=overwrite, resume=resume)
+        trainer = MetaTrainer(config, run_dir, resume=resume, model=model, dist=dist)
+        return trainer.train()
+    finally:
+        if created:
+            D.teardown()
