@@ -390,6 +390,19 @@ def disable_cpu_inference_repacking(model: torch.nn.Module) -> int:
     return count
 
 
+def _set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make every 4-bit layer compute in ``dtype`` (the cached checkpoint stores fp32)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = dtype
+            module.compute_type_is_set = True
+    config = getattr(model.config, "quantization_config", None)
+    if config is not None and hasattr(config, "bnb_4bit_compute_dtype"):
+        config.bnb_4bit_compute_dtype = dtype
+
+
 _QUANTIZE_SCRIPT = """
 import sys, torch
 from deltameta.base import _quantize_to_dir
@@ -595,13 +608,10 @@ def load_base(
                 network = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
                 network = network.to(device)
             else:
+                # the cached checkpoint carries its own quantization config; the compute dtype
+                # is set on the layers below
                 network = AutoModelForCausalLM.from_pretrained(
-                    source,
-                    dtype=torch.float32,
-                    quantization_config=_bnb_config(quantization, dtype, double_quant),
-                    device_map={"": device},
-                    use_safetensors=True,
-                    **kwargs,
+                    source, dtype=torch.float32, device_map={"": device}, use_safetensors=True, **kwargs
                 )
         except OSError as error:
             raise ModelLoadError(f"could not load model '{model}' from '{source}': {error}") from error
@@ -610,6 +620,8 @@ def load_base(
         tokenizer.pad_token = tokenizer.eos_token
     _freeze(network)
     disable_cpu_inference_repacking(network)
+    if quantization != "none":
+        _set_4bit_compute_dtype(network, dtype)
     network.eval()
     network.name_or_path = base_id
     network.deltameta_base = BaseInfo(

@@ -204,3 +204,14 @@ def test_smollm2_nf4_answers_paris_and_prepare_is_cached(tmp_path):
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :])
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_cached_4bit_checkpoint_honours_the_compute_dtype():
+    """The cached NF4 checkpoint stores fp32 compute; the caller's compute_dtype must win."""
+    import bitsandbytes as bnb
+
+    model, _ = load_base("smollm2-135m", quantization="nf4", device="cpu", compute_dtype="bfloat16")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.compute_dtype == torch.bfloat16 for m in layers)
+    assert model.deltameta_base.compute_dtype == "bfloat16"

@@ -52,3 +52,17 @@ def test_none_baseline_has_no_meta_gradient(tmp_path):
     trainer = MetaTrainer(config, prepare_run_dir(config.output_dir))
     with pytest.raises(ConfigError, match="algorithm=none does no meta-training"):
         trainer.train_step()
+
+
+@pytest.mark.parametrize("controller", ["global", "task"])
+def test_multitask_baseline_trains_with_a_controller_looped_and_batched(tmp_path, controller):
+    """Regression: the controller's op weights are shared by every pass of a multitask step."""
+    finals = {}
+    for batched in (False, True):
+        config = tiny_config(tmp_path / str(batched), algorithm="multitask", controller=controller, task_batched=batched,
+                             outer_steps=2, eval_every=0, checkpoint_every=0)
+        result = run_meta_train(config)
+        assert result.steps == 2 and result.skipped == 0
+        finals[batched] = load_file(str(result.run_dir / "final" / "deltas.safetensors"))
+    for name, value in finals[False].items():
+        torch.testing.assert_close(finals[True][name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -373,22 +373,34 @@ class Multitask(MetaAlgorithm):
         return False
 
     def task_step(self, support, query, scale):  # noqa: D102 - see base class
-        passes = self.inner.steps + 1
-        losses: list[float] = []
-        loss_fn = self.loss_fn()
-        with self._context():
-            for _ in range(self.inner.steps):
-                loss = loss_fn(self.params, support)
-                losses.append(float(loss.detach()))
-                if _finite(losses[-1]):
-                    (loss * scale / passes).backward()
-            query_loss = loss_fn(self.params, query)
-            if torch.isfinite(query_loss) and all(map(_finite, losses)):
-                (query_loss * scale / passes).backward()
+        losses, query_loss = self._passes(self.loss_fn(), support, query, scale, 1)
         return self._result(losses, query_loss, support, query, 1)
 
     def tasks_step_batched(self, supports, queries, scale, pad_token_id=0):  # noqa: D102
-        return _mean_results([self.task_step(s, q, scale) for s, q in zip(supports, queries)])
+        tasks = len(supports)
+        support = B.concat_batches(supports, pad_token_id)
+        query = B.concat_batches(queries, pad_token_id)
+        losses, query_loss = self._passes(self.loss_fn(tasks), support, query, scale, tasks)
+        return self._result(losses, query_loss / tasks, support, query, tasks)
+
+    def _passes(self, loss_fn: F.LossFn, support, query, scale: float, tasks: int) -> tuple[list[float], Tensor]:
+        """``inner_steps`` passes on the support batch and one on the query batch, each back-propagated.
+
+        The controller's op weights (if any) are shared by all passes, so every backward but
+        the last keeps the graph.
+        """
+        passes = self.inner.steps + 1
+        losses: list[float] = []
+        with self._context():
+            for _ in range(self.inner.steps):
+                loss = loss_fn(self.params, support)
+                losses.append(float(loss.detach()) / tasks)
+                if _finite(losses[-1]):
+                    (loss * scale / passes).backward(retain_graph=True)
+            query_loss = loss_fn(self.params, query)
+            if torch.isfinite(query_loss) and all(map(_finite, losses)):
+                (query_loss * scale / passes).backward()
+        return losses, query_loss
 
 
 class NoMetaTraining(MetaAlgorithm):
