@@ -7,11 +7,12 @@ into place, so an interrupted write leaves what was there before intact.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -34,6 +35,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON (non-JSON values as ``str``) via :func:`atomic_write_text`.
+
+    Args:
+        path: Destination file.
+        data: JSON-serialisable data.
+    """
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 @contextlib.contextmanager

@@ -36,6 +36,21 @@ def field(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirror
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+@dataclasses.dataclass
+class BaseModelKeys:
+    """The frozen base model's keys, shared by ``meta-train``, ``finetune`` and ``evaluate``.
+
+    Config dataclasses inherit them (they come first in ``--help`` and in ``config.yaml``); a
+    command may redeclare one to give it its own help text, which keeps its place.
+    """
+
+    model: str = field("smollm2-135m", "base model: alias (smollm2-135m, tiny-random-llama), local dir or hub id")
+    quantization: Literal["nf4", "fp4", "none"] = field("nf4", "4-bit quantization of the frozen base")
+    double_quant: bool = field(False, "double-quantize the 4-bit constants")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    device: str = field("auto", "cpu, cuda, cuda:N or auto")
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings; values are read as YAML (``3``, ``0.1``, ``true``, ``[a, b]``).
 

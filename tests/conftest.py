@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated $DELTAMETA_HOME and cached tiny models."""
+"""Shared fixtures: an isolated $DELTAMETA_HOME, cached tiny models and tiny meta-train runs."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def tiny_fp32():
 def tiny_tokenizer(tiny_fp32):
     """The byte-level tokenizer of ``tiny-random-llama``."""
     return tiny_fp32[1]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with torch on one thread (see :func:`test_finetune_helpers.one_thread`)."""
+    from test_finetune_helpers import one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def meta_adapter_runs(tmp_path_factory):
+    """``{"meta": RUN_DIR, "multitask": RUN_DIR}``: tiny meta-train runs (trained on first use, then reused from the base temp dir)."""
+    from test_finetune_helpers import meta_runs
+
+    return meta_runs(tmp_path_factory.getbasetemp())

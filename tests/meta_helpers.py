@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
+import pytest
 import torch
 
 #: A run small enough for tiny-random-llama on 2 CPU cores (a few seconds).
@@ -60,3 +62,73 @@ def rmsnorm_in_input_dtype(model) -> None:
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):
             module.forward = types.MethodType(forward, module)
+
+
+def delta_config(delta: str = "lora", **overrides):
+    """A small DeltaConfig (rank 2, alpha 4) on ``q_proj``, ``v_proj`` and ``down_proj``."""
+    from deltameta.deltas.config import DeltaConfig
+
+    values = dict(delta=delta, rank=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    values.update(overrides)
+    return DeltaConfig(**values)
+
+
+def random_float64_model(base, config, seed: int = 0, scale: float = 0.3):
+    """A float64 copy of ``base`` with the deltas of ``config`` drawn at random (B != 0, so every gradient is generic)."""
+    from deltameta.meta import functional as F
+
+    model = copy.deepcopy(base)
+    F.inject(model, config)
+    model.double()
+    rmsnorm_in_input_dtype(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in F.get_deltas(model).values():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return model
+
+
+def zero_grads(params) -> None:
+    """Drop the ``.grad`` of every tensor of ``params``."""
+    for p in params.values():
+        p.grad = None
+
+
+def assert_matches_finite_difference(params, objective, grads, first_order, trials: int = 3, eps: float = 1e-6) -> None:
+    """Check a second-order meta-gradient against central finite differences of ``objective``.
+
+    Along ``trials`` random directions, ``grads`` must match the finite difference, and the
+    first-order gradient ``first_order`` must not (so the second-order terms matter here and a
+    first-order gradient would be caught).
+    """
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(trials):
+        direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+        with torch.no_grad():
+            plus = {k: (p + eps * direction[k]).detach() for k, p in params.items()}
+            minus = {k: (p - eps * direction[k]).detach() for k, p in params.items()}
+        fd = (float(objective(plus).detach()) - float(objective(minus).detach())) / (2 * eps)
+        analytic = float(sum((grads[k] * direction[k]).sum() for k in params))
+        approx = float(sum((first_order[k] * direction[k]).sum() for k in params))
+        assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-8)
+        assert abs(approx - fd) > 1e-4 * max(1.0, abs(fd))
+
+
+def assert_batched_equals_looped(algo, tasks: int = 3) -> None:
+    """``algo.tasks_step_batched`` gives the meta-gradients and mean losses of looping ``task_step``.
+
+    The tasks have different sequence lengths, so the batched step also pads.
+    """
+    supports = [make_batch(10 + t, n=2, length=9 + t) for t in range(tasks)]
+    queries = [make_batch(20 + t, n=2, length=10 - t) for t in range(tasks)]
+    meta = algo.meta_parameters()
+    zero_grads(meta)
+    looped = [algo.task_step(s, q, scale=1.0 / tasks) for s, q in zip(supports, queries)]
+    reference = {k: p.grad.clone() for k, p in meta.items()}
+    zero_grads(meta)
+    result = algo.tasks_step_batched(supports, queries, scale=1.0 / tasks)
+    for k, p in meta.items():
+        torch.testing.assert_close(p.grad, reference[k], rtol=1e-9, atol=1e-11, msg=k)
+    zero_grads(meta)
+    assert result.query_after == pytest.approx(sum(r.query_after for r in looped) / tasks, rel=1e-9)
+    assert result.support_before == pytest.approx(sum(r.support_before for r in looped) / tasks, rel=1e-9)

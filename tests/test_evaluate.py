@@ -11,22 +11,14 @@ import torch
 from deltameta.config import build_config
 from deltameta.errors import ConfigError, ModelLoadError
 from deltameta.evaluate import METHODS, EvaluateConfig, Evaluator, mean_ci, run_evaluate
-from test_finetune_helpers import TINY, copy_adapter_for_other_base, meta_runs, one_thread
+from test_finetune_helpers import TINY, copy_adapter_for_other_base
 
 #: Two multiple-choice tasks and one free-form task.
 TASKS = dict(tasks="builtin:kv_lookup,word_category,caesar", splits="", split="", builtin_tasks_per_family=1,
              builtin_examples_per_task=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return meta_runs(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(tmp_path, runs=None, **overrides):
@@ -38,8 +30,8 @@ def _config(tmp_path, runs=None, **overrides):
     return build_config(EvaluateConfig, overrides=values)
 
 
-def test_evaluate_all_methods_on_the_same_episodes(tmp_path, runs):
-    results = run_evaluate(_config(tmp_path, runs, plots=True))
+def test_evaluate_all_methods_on_the_same_episodes(tmp_path, meta_adapter_runs):
+    results = run_evaluate(_config(tmp_path, meta_adapter_runs, plots=True))
     out = tmp_path / "eval"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results, default=str))
     assert list(results["methods"]) == list(METHODS)
@@ -82,16 +74,16 @@ def test_evaluate_all_methods_on_the_same_episodes(tmp_path, runs):
     assert (out / "plots" / "accuracy_vs_steps.png").stat().st_size > 0
     assert (out / "plots" / "per_task.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="already holds a evaluate run|already holds an evaluate run"):
-        run_evaluate(_config(tmp_path, runs))
+        run_evaluate(_config(tmp_path, meta_adapter_runs))
 
 
-def test_one_base_serves_every_method_exactly(tmp_path, runs):
+def test_one_base_serves_every_method_exactly(tmp_path, meta_adapter_runs):
     """Static meta = plain PEFT, meta-dynamic = load_meta_adapter; weights are restored per episode."""
     from peft import PeftModel
 
     from deltameta.deltas import load_meta_adapter
 
-    config = _config(tmp_path, runs)
+    config = _config(tmp_path, meta_adapter_runs)
     out = tmp_path / "eval"
     out.mkdir()
     evaluator = Evaluator(config, out)
@@ -109,7 +101,7 @@ def test_one_base_serves_every_method_exactly(tmp_path, runs):
         finally:
             evaluator.current = None
 
-    peft_dir = runs["meta"] / "peft"
+    peft_dir = meta_adapter_runs["meta"] / "peft"
     from deltameta.base import load_base
 
     reference = PeftModel.from_pretrained(load_base("tiny-random-llama", "none", device="cpu")[0], str(peft_dir))
@@ -144,13 +136,13 @@ def test_methods_without_adapters_and_cli(tmp_path, capsys):
     assert "unknown method 'meta-dynamc'" in err and "Did you mean 'meta-dynamic'?" in err and "Traceback" not in err
 
 
-def test_bad_input_errors(tmp_path, runs):
+def test_bad_input_errors(tmp_path, meta_adapter_runs):
     with pytest.raises(ConfigError, match="method 'multitask' needs the multitask adapter"):
         run_evaluate(_config(tmp_path, methods=["zero-shot", "multitask"]))
     with pytest.raises(ConfigError, match="does not exist"):
         run_evaluate(_config(tmp_path, adapter=str(tmp_path / "missing-run")))
     assert not (tmp_path / "eval").exists(), "a failed setup leaves no results directory"
-    other = copy_adapter_for_other_base(runs["meta"] / "peft", tmp_path / "other")
+    other = copy_adapter_for_other_base(meta_adapter_runs["meta"] / "peft", tmp_path / "other")
     with pytest.raises(ModelLoadError, match="made for base model 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
         run_evaluate(_config(tmp_path, adapter=str(other)))
     with pytest.raises(ConfigError, match="shots=20 \\+ query_size=3 = 23 examples per episode"):

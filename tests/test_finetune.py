@@ -10,18 +10,10 @@ import torch
 from deltameta.config import build_config
 from deltameta.errors import ConfigError, DataError, MetaStateError, ModelLoadError
 from deltameta.finetune import FinetuneConfig, resolve_adapter, run_finetune
-from test_finetune_helpers import TINY, copy_adapter_for_other_base, meta_runs, one_thread
+from test_finetune_helpers import TINY, copy_adapter_for_other_base
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return meta_runs(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(tmp_path, **overrides):
@@ -69,17 +61,17 @@ def test_fresh_lora_finetune_writes_loadable_adapters_and_lowers_loss(tmp_path):
         assert not torch.allclose(tuned, plain), f"{name}: the adapter changes nothing"
 
 
-def test_finetune_from_meta_adapter_on_nf4_base_with_jsonl_task(tmp_path, runs):
+def test_finetune_from_meta_adapter_on_nf4_base_with_jsonl_task(tmp_path, meta_adapter_runs):
     data = tmp_path / "my_task.jsonl"
     lines = [json.dumps({"input": f"{i} + {i}", "output": str(2 * i)}) for i in range(24)]
     data.write_text("\n".join(lines) + "\n")
-    result = run_finetune(_config(tmp_path, quantization="nf4", adapter=str(runs["meta"]), dynamic=True,
+    result = run_finetune(_config(tmp_path, quantization="nf4", adapter=str(meta_adapter_runs["meta"]), dynamic=True,
                                   tasks=str(data), steps=8, eval_accuracy=False, gradient_checkpointing=True))
     assert result.train_loss_after < result.train_loss_before
     last = tmp_path / "ft" / "last"
     assert (last / "deltameta_tarp.safetensors").is_file(), "dynamic=true keeps the TARP sidecar"
     config = json.loads((last / "adapter_config.json").read_text())
-    start = json.loads((runs["meta"] / "peft" / "adapter_config.json").read_text())
+    start = json.loads((meta_adapter_runs["meta"] / "peft" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(start["target_modules"])
     assert config["rank_pattern"] == start["rank_pattern"]
     _plain_peft_logits(last, torch.tensor([[5, 6, 7]]))
@@ -102,11 +94,11 @@ def test_early_stopping_and_output_dir_protection(tmp_path):
     assert (other / "keep.txt").read_text() == "mine"
 
 
-def test_bad_input_errors(tmp_path, runs):
+def test_bad_input_errors(tmp_path, meta_adapter_runs):
     with pytest.raises(ConfigError, match="does not exist"):
         run_finetune(_config(tmp_path, adapter=str(tmp_path / "nope")))
     assert not (tmp_path / "ft").exists(), "a failed setup leaves no half-made run"
-    other = copy_adapter_for_other_base(runs["meta"] / "peft", tmp_path / "other")
+    other = copy_adapter_for_other_base(meta_adapter_runs["meta"] / "peft", tmp_path / "other")
     with pytest.raises(ModelLoadError, match="SmolLM2-135M-Instruct.*deltameta/tiny-random-llama"):
         run_finetune(_config(tmp_path, adapter=str(other)))
     unfinished = tmp_path / "unfinished"

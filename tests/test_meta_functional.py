@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from deltameta.meta import functional as F
 from deltameta.meta.algorithms import InnerLoop, evaluate_task, make_algorithm
-from meta_helpers import make_batch, rmsnorm_in_input_dtype as _rmsnorm_in_input_dtype
-
-
-def _delta_config(**kwargs):
-    from deltameta.deltas.config import DeltaConfig
-
-    base = dict(delta="lora", rank=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    base.update(kwargs)
-    return DeltaConfig(**base)
+from meta_helpers import assert_matches_finite_difference, delta_config, make_batch, random_float64_model, zero_grads
 
 
 @pytest.fixture(scope="module")
 def tiny64(tiny_fp32):
     """tiny-random-llama in float64 with LoRA deltas whose B is random (so gradients are generic)."""
-    model = copy.deepcopy(tiny_fp32[0])
-    F.inject(model, _delta_config())
-    model.double()
-    _rmsnorm_in_input_dtype(model)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in F.get_deltas(model).items():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    return model
+    return random_float64_model(tiny_fp32[0], delta_config())
 
 
 def _params(model):
     return F.get_deltas(model)
-
-
-def _zero(params):
-    for p in params.values():
-        p.grad = None
 
 
 def test_get_deltas_only_delta_tensors(tiny64):
@@ -60,48 +37,36 @@ def test_second_order_matches_finite_difference(tiny64):
             fast = F.adapt(values, support, loss_fn, steps=steps, lr=lr, first_order=False)
             return loss_fn(fast, query)
 
-    _zero(params)
+    zero_grads(params)
     with F.math_attention():
         objective(params).backward()
     grads = {k: p.grad.clone() for k, p in params.items()}
     first_order = {}
-    _zero(params)
+    zero_grads(params)
     fast = F.adapt(params, support, loss_fn, steps=steps, lr=lr, first_order=True)
     loss_fn(fast, query).backward()
     first_order = {k: p.grad.clone() for k, p in params.items()}
-    _zero(params)
+    zero_grads(params)
 
-    gen = torch.Generator().manual_seed(3)
-    eps = 1e-6
-    for _ in range(3):
-        direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
-        with torch.no_grad():
-            plus = {k: (p + eps * direction[k]).detach() for k, p in params.items()}
-            minus = {k: (p - eps * direction[k]).detach() for k, p in params.items()}
-        fd = (float(objective(plus).detach()) - float(objective(minus).detach())) / (2 * eps)
-        analytic = float(sum((grads[k] * direction[k]).sum() for k in params))
-        approx = float(sum((first_order[k] * direction[k]).sum() for k in params))
-        assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-8)
-        # the second-order terms matter here, so the test would catch a first-order gradient
-        assert abs(approx - fd) > 1e-4 * max(1.0, abs(fd))
+    assert_matches_finite_difference(params, objective, grads, first_order)
 
 
 def test_first_order_equals_query_gradient_at_adapted_weights(tiny64):
     params = _params(tiny64)
     support, query = make_batch(4), make_batch(5)
     loss_fn = F.lm_loss_fn(tiny64)
-    _zero(params)
+    zero_grads(params)
     algo = make_algorithm("fomaml", tiny64, params, InnerLoop(steps=2, lr=0.3, clip=1.0))
     result = algo.task_step(support, query, scale=1.0)
     assert result.finite and result.support_after < result.support_before
     got = {k: p.grad.clone() for k, p in params.items()}
-    _zero(params)
+    zero_grads(params)
     fast = F.adapt(params, support, loss_fn, steps=2, lr=0.3, first_order=True, clip=1.0)
     at = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
     expected = torch.autograd.grad(loss_fn(at, query), list(at.values()))
     for (name, g), e in zip(got.items(), expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
-    _zero(params)
+    zero_grads(params)
 
 
 def test_inner_clipping_bounds_the_step(tiny64):
@@ -120,7 +85,7 @@ def test_reptile_moves_toward_adapted_weights(tiny64):
     algo = make_algorithm("reptile", tiny64, params, InnerLoop(steps=3, lr=0.2))
     fast = F.adapt(params, support, algo.loss_fn(), steps=3, lr=0.2, first_order=True)
     fast = {k: v.detach() for k, v in fast.items()}
-    _zero(params)
+    zero_grads(params)
     algo.task_step(support, query, scale=1.0)
     optimizer = torch.optim.SGD(list(params.values()), lr=0.25)
     optimizer.step()
@@ -135,12 +100,12 @@ def test_reptile_moves_toward_adapted_weights(tiny64):
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(original[k])
-        _zero(params)
+        zero_grads(params)
 
 
 def test_metasgd_learning_rates_receive_gradients(tiny64):
     params = _params(tiny64)
-    _zero(params)
+    zero_grads(params)
     for first_order in (True, False):
         algo = make_algorithm("metasgd", tiny64, params, InnerLoop(steps=1, lr=0.1, first_order=first_order))
         lrs = algo.extra_parameters()
@@ -148,12 +113,12 @@ def test_metasgd_learning_rates_receive_gradients(tiny64):
         algo.task_step(make_batch(9), make_batch(10), scale=1.0)
         for name, lr in lrs.items():
             assert lr.grad is not None and torch.isfinite(lr.grad) and lr.grad != 0, name
-        _zero(params)
+        zero_grads(params)
 
 
 def test_multitask_uses_same_passes_without_adaptation(tiny64):
     params = _params(tiny64)
-    _zero(params)
+    zero_grads(params)
     support, query = make_batch(11), make_batch(12)
     algo = make_algorithm("multitask", tiny64, params, InnerLoop(steps=2, lr=0.1))
     result = algo.task_step(support, query, scale=1.0)
@@ -162,7 +127,7 @@ def test_multitask_uses_same_passes_without_adaptation(tiny64):
     for g, e in zip((p.grad for p in params.values()), expected):
         torch.testing.assert_close(g, e)
     assert result.support_before == pytest.approx(result.support_after)
-    _zero(params)
+    zero_grads(params)
 
 
 def test_evaluate_task_improves_support_fit(tiny64):
@@ -172,3 +137,23 @@ def test_evaluate_task_improves_support_fit(tiny64):
     before, after = evaluate_task(algo, batch, batch)
     assert after < before
     assert all(p.grad is None for p in params.values())
+
+
+def test_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_fp32):
+    """``lm_loss_fn`` projects only the positions that predict answer tokens; same loss."""
+    import copy
+
+    from deltameta.deltas.config import DeltaConfig
+
+    model = copy.deepcopy(tiny_fp32[0])
+    F.inject(model, DeltaConfig(delta="lora", rank=2, target_modules=["q_proj"]))
+    params = F.get_deltas(model)
+    batch = make_batch(5, n=3, length=16)
+    batch["labels"][1, 8:12] = -100  # ragged targets
+    assert 0 < F.target_positions(batch["labels"]).numel() < 15
+    full = F.grouped_target_loss(F.forward_with(model, params, batch).logits, batch["labels"], 1)[0]
+    sparse = F.lm_loss_fn(model)(params, batch)
+    torch.testing.assert_close(sparse, full, rtol=1e-6, atol=1e-6)
+    grouped = F.lm_loss_fn(model, groups=3)(params, batch)
+    per_group = F.grouped_target_loss(F.forward_with(model, params, batch).logits, batch["labels"], 3)
+    torch.testing.assert_close(grouped, per_group.sum(), rtol=1e-6, atol=1e-6)

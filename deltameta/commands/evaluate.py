@@ -7,11 +7,13 @@ import argparse
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``evaluate`` subcommand."""
-    from deltameta.config import describe_keys
+    from deltameta.commands import add_recipe_command
     from deltameta.evaluate.config import EvaluateConfig
 
-    parser = subparsers.add_parser(
+    return add_recipe_command(
+        subparsers,
         "evaluate",
+        EvaluateConfig,
         help="few-shot adaptation on held-out tasks: meta-adapter vs zero-shot, ICL, fresh LoRA, multitask",
         description=(
             "Compare, on the same episodes of held-out tasks: zero-shot, icl (k demonstrations in the prompt), "
@@ -20,20 +22,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "the k-shot support set, scored on the query set. Writes results.json, results.md (mean accuracy "
             "with 95% CIs across tasks) and plots/."
         ),
-        epilog=describe_keys(EvaluateConfig)
-        + "\n\nexamples:\n"
-        "  deltameta evaluate model=tiny-random-llama quantization=none episodes=2\n"
-        "  deltameta evaluate --config recipes/evaluate/smollm2_135m_bigbench_dev.yaml adapter=runs/meta "
-        "multitask_adapter=runs/multitask\n"
-        "  deltameta evaluate tasks=../shared/data/bigbench-lite splits=../shared/data/bigbench-lite/splits.json "
-        "split=dev adapters='{meta: runs/meta, multitask: runs/multitask}' steps=[0,5,10]",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "deltameta evaluate model=tiny-random-llama quantization=none episodes=2",
+            "deltameta evaluate --config recipes/evaluate/smollm2_135m_bigbench_dev.yaml adapter=runs/meta "
+            "multitask_adapter=runs/multitask",
+            "deltameta evaluate tasks=../shared/data/bigbench-lite splits=../shared/data/bigbench-lite/splits.json "
+            "split=dev adapters='{meta: runs/meta, multitask: runs/multitask}' steps=[0,5,10]",
+        ],
+        recipes="recipes/evaluate/",
+        overwrite_help="replace previous results in output_dir",
+        run=run,
     )
-    parser.add_argument("--config", metavar="RECIPE", help="recipe YAML (see recipes/evaluate/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace previous results in output_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see the keys below)")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,11 +7,13 @@ import argparse
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``finetune`` subcommand."""
-    from deltameta.config import describe_keys
+    from deltameta.commands import add_recipe_command
     from deltameta.finetune.config import FinetuneConfig
 
-    parser = subparsers.add_parser(
+    return add_recipe_command(
+        subparsers,
         "finetune",
+        FinetuneConfig,
         help="fine-tune a meta-adapter (or a fresh LoRA) on your task; writes a PEFT adapter",
         description=(
             "Fine-tune an adapter on a task with standard PEFT training on a frozen base (NF4 = QLoRA, or "
@@ -20,17 +22,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "or a jsonl file of {\"input\": ..., \"output\": ...} lines. The result, OUTPUT/best and OUTPUT/last, "
             "loads with PeftModel.from_pretrained. Keys come from the defaults, then the recipe, then key=value."
         ),
-        epilog=describe_keys(FinetuneConfig)
-        + "\n\nexamples:\n  deltameta finetune\n"
-        "  deltameta finetune adapter=runs/meta-train tasks=my_task.jsonl steps=100 output_dir=runs/my-task\n"
-        "  deltameta finetune --config recipes/finetune/llama3_8b_qlora_24gb.yaml adapter=adapters/NAME tasks=data.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "deltameta finetune",
+            "deltameta finetune adapter=runs/meta-train tasks=my_task.jsonl steps=100 output_dir=runs/my-task",
+            "deltameta finetune --config recipes/finetune/llama3_8b_qlora_24gb.yaml adapter=adapters/NAME tasks=data.jsonl",
+        ],
+        recipes="recipes/finetune/",
+        overwrite_help="replace a previous fine-tuning run in output_dir",
+        run=run,
     )
-    parser.add_argument("--config", metavar="RECIPE", help="recipe YAML (see recipes/finetune/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous fine-tuning run in output_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see the keys below)")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

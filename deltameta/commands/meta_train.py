@@ -16,11 +16,13 @@ RESUME_MUTABLE = ("progress", "plots", "export")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``meta-train`` subcommand."""
-    from deltameta.config import describe_keys
+    from deltameta.commands import add_recipe_command
     from deltameta.meta.config import MetaTrainConfig
 
-    parser = subparsers.add_parser(
+    return add_recipe_command(
+        subparsers,
         "meta-train",
+        MetaTrainConfig,
         help="meta-learn adapter deltas (+ architecture controller) on a frozen 4-bit base",
         description=(
             "Meta-train low-rank adapter deltas with FOMAML / MAML / Reptile / Meta-SGD (or the multitask "
@@ -28,20 +30,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "families, TARP deltas with a global architecture controller, first-order MAML (a few minutes on "
             "a 2-core CPU). Keys come from the defaults, then the recipe, then key=value overrides."
         ),
-        epilog=describe_keys(MetaTrainConfig)
-        + "\n\nexamples:\n  deltameta meta-train\n"
-        "  deltameta meta-train --config recipes/meta_train/smollm2_135m_tarp_bigbench.yaml tasks=../shared/data/bigbench-lite\n"
-        "  deltameta meta-train algorithm=maml inner_steps=1 outer_steps=20 output_dir=runs/maml\n"
-        "  deltameta meta-train --resume runs/meta-train\n"
-        "  torchrun --nproc_per_node 2 -m deltameta meta-train meta_batch_size=4   # task-parallel, see docs/distributed.md",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            "deltameta meta-train",
+            "deltameta meta-train --config recipes/meta_train/smollm2_135m_tarp_bigbench.yaml tasks=../shared/data/bigbench-lite",
+            "deltameta meta-train algorithm=maml inner_steps=1 outer_steps=20 output_dir=runs/maml",
+            "deltameta meta-train --resume runs/meta-train",
+            "torchrun --nproc_per_node 2 -m deltameta meta-train meta_batch_size=4   # task-parallel, see docs/distributed.md",
+        ],
+        recipes="recipes/meta_train/",
+        overwrite_help="replace a previous run in output_dir",
+        run=run,
+        options=[("--resume", dict(metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"))],
     )
-    parser.add_argument("--config", metavar="RECIPE", help="recipe YAML (see recipes/meta_train/)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see the keys below)")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def resolve_config(recipe: str | None, overrides: list[str], resume: str | None):

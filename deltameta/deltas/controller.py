@@ -263,10 +263,9 @@ class ArchController(nn.Module):
 
         Each cell is annotated with the op and its probability.
         """
-        import matplotlib
+        from deltameta.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.colors import ListedColormap
         from matplotlib.patches import Patch
 

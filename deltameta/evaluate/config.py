@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from typing import Any, Literal
 
-from deltameta.config import field
+from deltameta.config import BaseModelKeys, field
 from deltameta.errors import ConfigError
 
 #: Every method, in the order tables and plots list them.
@@ -23,15 +23,10 @@ ADAPTER_OF = {"multitask": "multitask", "meta": "meta", "meta-dynamic": "meta"}
 
 
 @dataclasses.dataclass
-class EvaluateConfig:
+class EvaluateConfig(BaseModelKeys):
     """Configuration of a few-shot evaluation (see ``deltameta evaluate --help``)."""
 
-    # base model
-    model: str = field("smollm2-135m", "base model: alias (smollm2-135m, tiny-random-llama), local dir or hub id")
-    quantization: Literal["nf4", "fp4", "none"] = field("nf4", "4-bit quantization of the frozen base")
-    double_quant: bool = field(False, "double-quantize the 4-bit constants")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    device: str = field("auto", "cpu, cuda, cuda:N or auto")
+    # base model: model, quantization, double_quant, compute_dtype and device come from BaseModelKeys
     bf16: bool = field(False, "run forward/backward under bf16 autocast")
 
     # adapters

@@ -157,11 +157,9 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[Path]:
     Returns:
         The files written.
     """
-    import matplotlib
+    from deltameta.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     folder = out / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     steps = results["steps"]

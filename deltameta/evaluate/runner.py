@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from deltameta.atomic import atomic_write_text
+from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.config import config_to_yaml
 from deltameta.errors import ConfigError, DataError
 from deltameta.evaluate.config import ADAPTER_OF, METHODS, TRAINING_METHODS, EvaluateConfig
@@ -31,6 +31,7 @@ from deltameta.evaluate.report import markdown_table, summarize, write_plots
 from deltameta.finetune import common
 from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, resolve_adapter
 from deltameta.finetune.trainer import make_optimizer
+from deltameta.output_dir import prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +399,7 @@ class Evaluator:
         }
         results["warnings"] = self.warnings
         results["summary"] = summarize(results)
-        common.write_json(self.out / RESULTS_FILE, results)
+        atomic_write_json(self.out / RESULTS_FILE, results)
         atomic_write_text(self.out / TABLE_FILE, markdown_table(results))
         if c.plots:
             write_plots(self.out, results)
@@ -423,20 +424,20 @@ def run_evaluate(config: EvaluateConfig, overwrite: bool = False, model: tuple[A
     """
     import shutil
 
-    out = common.prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "evaluate")
+    out = prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "evaluate")
     try:
         evaluator = Evaluator(config, out, model)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     atomic_write_text(out / "config.yaml", config_to_yaml(config))
-    common.write_json(out / "run.json", {"status": "running", "methods": evaluator.methods,
+    atomic_write_json(out / "run.json", {"status": "running", "methods": evaluator.methods,
                                          "tasks": [t.name for t in evaluator.tasks]})
     try:
         results = evaluator.run()
     except BaseException as error:
-        common.write_json(out / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        atomic_write_json(out / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
         raise
-    common.write_json(out / "run.json", {"status": "finished", "methods": evaluator.methods,
+    atomic_write_json(out / "run.json", {"status": "finished", "methods": evaluator.methods,
                                          "tasks": [t.name for t in evaluator.tasks], "seconds": results["timing"]["seconds"]})
     return results

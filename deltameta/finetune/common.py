@@ -1,12 +1,10 @@
-"""Pieces shared by ``finetune`` and ``evaluate``: output dirs, the base, PEFT adapters, losses."""
+"""Pieces shared by ``finetune`` and ``evaluate``: the base, PEFT adapters, losses."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,42 +15,6 @@ logger = logging.getLogger(__name__)
 
 #: Default sublayers of a fresh LoRA (the meta-train default).
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-
-
-def prepare_output_dir(path: str | Path, markers: Iterable[str], overwrite: bool, command: str) -> Path:
-    """Check (and with ``overwrite``, clear) a command's output directory.
-
-    Args:
-        path: ``output_dir``.
-        markers: Files whose presence marks a previous run of this command.
-        overwrite: Replace a previous run.
-        command: Command name for messages.
-
-    Returns:
-        The directory (created).
-
-    Raises:
-        ConfigError: it holds another run (without ``overwrite``), is a file, or holds unrelated
-            files (never deleted, even with ``overwrite``).
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir='{path}' is a file; give a directory.")
-    if path.is_dir() and any(path.iterdir()):
-        if any((path / m).exists() for m in markers):
-            if not overwrite:
-                raise ConfigError(
-                    f"output_dir='{path}' already holds a {command} run; pass --overwrite to replace it or choose "
-                    "another output_dir=..."
-                )
-            shutil.rmtree(path)
-        else:
-            raise ConfigError(
-                f"output_dir='{path}' is not empty and holds no {command} run; refusing to write into it (even "
-                "with --overwrite). Choose an empty or new directory."
-            )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def resolve_device(device: str) -> str:
@@ -152,9 +114,3 @@ def model_device(model: nn.Module) -> torch.device:
     """Device of the model's input embeddings."""
     return model.get_input_embeddings().weight.device
 
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically."""
-    from deltameta.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

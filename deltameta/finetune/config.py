@@ -10,21 +10,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from deltameta.config import field
+from deltameta.config import BaseModelKeys, field
 from deltameta.errors import ConfigError
 from deltameta.finetune.common import DEFAULT_TARGETS
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(BaseModelKeys):
     """Configuration of a fine-tuning run (see ``deltameta finetune --help``)."""
 
-    # base model
-    model: str = field("smollm2-135m", "base model: alias (smollm2-135m, tiny-random-llama), local dir or hub id")
+    # base model: model, quantization, double_quant, compute_dtype and device come from BaseModelKeys;
+    # quantization is redeclared for its own help text (it keeps its place)
     quantization: Literal["nf4", "fp4", "none"] = field("nf4", "4-bit quantization of the frozen base (nf4: QLoRA)")
-    double_quant: bool = field(False, "double-quantize the 4-bit constants")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    device: str = field("auto", "cpu, cuda, cuda:N or auto")
     gradient_checkpointing: bool = field(False, "recompute activations in backward (less memory, ~30% slower)")
     bf16: bool = field(False, "run forward/backward under bf16 autocast (GPU; the adapter stays fp32)")
 

@@ -1,4 +1,4 @@
-"""The data of a fine-tuning run: the user's task(s), a train/validation split, padded batches."""
+"""The data of a fine-tuning run: the user's task(s), a train/validation split, token rows."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import dataclasses
 import random
 import warnings
 from typing import Any, Sequence
-
-import torch
 
 from deltameta.errors import ConfigError, DataError
 
@@ -119,19 +117,6 @@ def encode_items(tokenizer, items: Sequence[Item], max_length: int) -> list[tupl
         warnings.warn(f"{truncated} of {len(rows)} example(s) exceeded max_length={max_length} tokens; their prompts "
                       "were truncated on the left.", stacklevel=2)
     return rows
-
-
-def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into ``input_ids``, ``attention_mask`` and ``labels``."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (tokens, lab) in enumerate(rows):
-        ids[i, : len(tokens)] = torch.tensor(tokens)
-        mask[i, : len(tokens)] = 1
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def group_by_task(items: Sequence[Item]) -> list[tuple[Any, list[Any]]]:

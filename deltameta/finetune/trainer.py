@@ -29,12 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltameta.atomic import atomic_directory, atomic_write_text
+from deltameta.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from deltameta.config import config_to_yaml
 from deltameta.finetune import common
 from deltameta.finetune.adapters import SIDECAR_FILES, check_base_matches, ensure_peft_dir, resolve_adapter
 from deltameta.finetune.config import FinetuneConfig
-from deltameta.finetune.data import collate, encode_items, group_by_task, load_finetune_data
+from deltameta.finetune.data import encode_items, group_by_task, load_finetune_data
+from deltameta.output_dir import prepare_output_dir
+from deltameta.tasks.encoding import collate_rows
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class _Trainer:
         total = weight = 0.0
         with torch.no_grad():
             for start in range(0, len(rows), self.config.batch_size):
-                batch = collate(rows[start : start + self.config.batch_size], self.pad)
+                batch = collate_rows(rows[start : start + self.config.batch_size], self.pad)
                 count = float((batch["labels"][:, 1:] != -100).sum())
                 total += float(common.batch_loss(self.model, batch, self.device, self.autocast)) * count
                 weight += count
@@ -237,7 +239,7 @@ class _Trainer:
         self.rows: list[dict[str, Any]] = []
         self.step = 0
         atomic_write_text(self.out / "config.yaml", config_to_yaml(c))
-        common.write_json(self.out / "run.json", {"status": "running", "total_steps": self.total,
+        atomic_write_json(self.out / "run.json", {"status": "running", "total_steps": self.total,
                                                   "adapter_source": self.source.to_dict() if self.source else None,
                                                   "data": self.data.tasks})
         self.metrics_path.write_text("", encoding="utf-8")
@@ -260,7 +262,7 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 losses, tokens = [], 0
                 for _ in range(c.gradient_accumulation):
-                    batch = collate(self._next_rows(), self.pad)
+                    batch = collate_rows(self._next_rows(), self.pad)
                     tokens += int(batch["attention_mask"].sum())
                     loss = common.batch_loss(self.model, batch, self.device, self.autocast)
                     (loss / c.gradient_accumulation).backward()
@@ -306,7 +308,7 @@ class _Trainer:
             write_finetune_plots(self.out, self.rows)
         for handle in self.hooks:
             handle.remove()
-        common.write_json(self.out / "run.json", {
+        atomic_write_json(self.out / "run.json", {
             "status": "finished", "steps": self.step, "total_steps": self.total, "stopped_early": stopped,
             "train_loss_before": before, "train_loss_after": after, "best_val_loss": best, "seconds": seconds,
             "adapter": str(adapter_dir), "adapter_source": self.source.to_dict() if self.source else None,
@@ -317,36 +319,14 @@ class _Trainer:
 
 def write_finetune_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Write ``plots/loss.png`` (train and validation loss) and ``plots/accuracy.png``."""
-    import matplotlib
+    from deltameta.plots import write_curve_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder = out / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
     train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "validation" and r.get("val_loss") is not None]
     acc = [(r["step"], r["val_accuracy"]) for r in rows if r.get("kind") == "validation" and r.get("val_accuracy") is not None]
     panels = [("loss.png", "fine-tuning loss", [("train", train), ("validation", val)]),
               ("accuracy.png", "validation accuracy", [("validation", acc)])]
-    for name, title, curves in panels:
-        if not any(points for _, points in curves):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for label, points in curves:
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
-        written.append(folder / name)
-    return written
+    return write_curve_plots(out / "plots", panels, "step")
 
 
 def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[nn.Module, Any] | None = None) -> FinetuneResult:
@@ -365,7 +345,7 @@ def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[n
         DataError: the task source cannot be read.
         ModelLoadError, MetaStateError: the adapter is missing, unfinished or for another base.
     """
-    out = common.prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "finetune")
+    out = prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "finetune")
     try:
         trainer = _Trainer(config, out, model)
     except BaseException:
@@ -374,5 +354,5 @@ def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[n
     try:
         return trainer.train()
     except BaseException as error:
-        common.write_json(out / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        atomic_write_json(out / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
         raise

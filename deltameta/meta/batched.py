@@ -62,18 +62,8 @@ def concat_batches(batches: Sequence[Mapping[str, Tensor]], pad_token_id: int = 
             "set task_batched=false or use equal shots/query_size for every task."
         )
     length = max(int(b["input_ids"].shape[1]) for b in batches)
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
-    out: dict[str, Tensor] = {}
-    for key in batches[0]:
-        parts = []
-        for b in batches:
-            t = b[key]
-            if t.dim() >= 2 and t.shape[1] < length:
-                pad = torch.full((t.shape[0], length - t.shape[1], *t.shape[2:]), fill.get(key, 0), dtype=t.dtype, device=t.device)
-                t = torch.cat([t, pad], dim=1)
-            parts.append(t)
-        out[key] = torch.cat(parts, dim=0)
-    return out
+    padded = [_pad_to(b, length, pad_token_id) for b in batches]
+    return {key: torch.cat([p[key] for p in padded], dim=0) for key in batches[0]}
 
 
 def pad_batch(batch: Mapping[str, Tensor], length: int, pad_token_id: int = 0) -> dict[str, Tensor]:

@@ -10,22 +10,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from deltameta.config import field
+from deltameta.config import BaseModelKeys, field
 from deltameta.errors import ConfigError
 
 ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask", "none")
 
 
 @dataclasses.dataclass
-class MetaTrainConfig:
+class MetaTrainConfig(BaseModelKeys):
     """Configuration of a meta-training run (see ``deltameta meta-train --help``)."""
 
-    # base model
-    model: str = field("smollm2-135m", "base model: alias (smollm2-135m, tiny-random-llama), local dir or hub id")
-    quantization: Literal["nf4", "fp4", "none"] = field("nf4", "4-bit quantization of the frozen base")
-    double_quant: bool = field(False, "double-quantize the 4-bit constants")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    device: str = field("auto", "cpu, cuda, cuda:N or auto")
+    # base model: model, quantization, double_quant, compute_dtype and device come from BaseModelKeys
     gradient_checkpointing: bool = field(False, "recompute activations in backward (first-order algorithms only)")
 
     # tasks

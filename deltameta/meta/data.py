@@ -116,11 +116,7 @@ def make_sampler(collection: Any, config: Any, seed: int, what: str) -> Any:
 
 
 def encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int) -> dict[str, torch.Tensor]:
-    """Encode examples of ``task`` with the loss on the target only.
-
-    Uses :func:`deltameta.tasks.encode_examples` when available; otherwise renders the task's
-    prompt template itself (prompt tokens are masked with -100, inputs left-truncated, batch
-    right-padded).
+    """Encode examples of ``task`` with the loss on the target only (see :func:`deltameta.tasks.encode_examples`).
 
     Args:
         tokenizer: The base model's tokenizer.
@@ -131,42 +127,7 @@ def encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int) 
     Returns:
         ``{input_ids, attention_mask, labels}`` as ``[n, L]`` tensors.
     """
-    encoder = _task_encoder()
-    if encoder is not None:
-        out = encoder(tokenizer, list(examples), template=getattr(task, "template", None), max_length=max_length)
-        return {k: out[k] for k in ("input_ids", "attention_mask", "labels")}
-    return _fallback_encode(tokenizer, task, examples, max_length)
+    from deltameta.tasks.encoding import encode_examples
 
-
-def _task_encoder():
-    for module_name in ("deltameta.tasks", "deltameta.tasks.encoding", "deltameta.tasks.encode"):
-        try:
-            module = __import__(module_name, fromlist=["encode_examples"])
-        except ImportError:
-            continue
-        if hasattr(module, "encode_examples"):
-            return module.encode_examples
-    return None
-
-
-def _fallback_encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int) -> dict[str, torch.Tensor]:
-    template = task.template
-    rows = []
-    for example in examples:
-        prompt = tokenizer(template.render_prompt(example), add_special_tokens=False)["input_ids"]
-        target = tokenizer(template.render_target(example.target), add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            target = target + [tokenizer.eos_token_id]
-        target = target[:max_length - 1]
-        prompt = prompt[-(max_length - len(target)):]
-        rows.append((prompt + target, [-100] * len(prompt) + target))
-    length = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (tokens, lab) in enumerate(rows):
-        ids[i, : len(tokens)] = torch.tensor(tokens)
-        mask[i, : len(tokens)] = 1
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = encode_examples(tokenizer, list(examples), template=getattr(task, "template", None), max_length=max_length)
+    return {k: out[k] for k in ("input_ids", "attention_mask", "labels")}

@@ -24,12 +24,14 @@ ordinary tensors of the graph, so second-order meta-gradients flow through them 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from deltameta.errors import ConfigError
+from deltameta.tasks.scoring import grouped_cross_entropy, grouped_lm_loss, lm_loss
 
 Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
@@ -110,35 +112,28 @@ def _logits(output: Any) -> Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def target_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over target positions (``labels != -100``).
+#: Mean next-token cross-entropy over target positions (``labels != -100``): the one
+#: implementation, :func:`deltameta.tasks.scoring.lm_loss` (float64 logits stay float64).
+target_loss = lm_loss
+#: Per-task ``target_loss`` of a task-batched batch: :func:`deltameta.tasks.scoring.grouped_lm_loss`.
+grouped_target_loss = grouped_lm_loss
 
-    The same definition as :func:`deltameta.tasks.lm_loss` (mean over all answer tokens of the
-    batch), but computed in the logits' dtype (float64 stays float64; half precision is upcast),
-    and identical to the task-batched :func:`grouped_target_loss` with one group.
+
+def target_positions(labels: Tensor) -> Tensor:
+    """Positions ``t`` whose logits predict an answer token (``labels[:, t + 1] != -100`` in any row).
+
+    :func:`lm_loss_fn` projects only these positions onto the vocabulary (``logits_to_keep``):
+    the same loss for a fraction of the LM head's time and memory, since answers are a few
+    tokens of a longer prompt.
     """
-    return grouped_target_loss(logits, labels, 1)[0]
+    return (labels[:, 1:] != -100).any(0).nonzero().flatten()
 
 
-def grouped_target_loss(logits: Tensor, labels: Tensor, groups: int) -> Tensor:
-    """Per-group mean next-token cross-entropy for a batch of ``groups`` equal contiguous groups.
-
-    Args:
-        logits: ``[B, L, V]`` with ``B`` divisible by ``groups``.
-        labels: ``[B, L]`` with ``-100`` outside the target.
-        groups: Number of groups (tasks) in the batch.
-
-    Returns:
-        ``[groups]`` losses, each the mean over that group's target tokens (0 for a group without
-        any target token).
-    """
-    shift_logits = logits[:, :-1, :].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(groups, -1)
-    mask = (shift_labels != -100).view(groups, -1).to(token_loss.dtype)
-    return (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def lm_loss_fn(model: nn.Module, groups: int | None = None, **forward_kwargs: Any) -> LossFn:
@@ -155,11 +150,18 @@ def lm_loss_fn(model: nn.Module, groups: int | None = None, **forward_kwargs: An
         ``loss_fn(params, batch) -> scalar``.
     """
 
+    sparse_head = _accepts_logits_to_keep(model) and "logits_to_keep" not in forward_kwargs
+
     def loss_fn(params: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        logits = _logits(forward_with(model, params, batch, **forward_kwargs))
-        if groups is None:
-            return target_loss(logits, batch["labels"])
-        return grouped_target_loss(logits, batch["labels"], groups).sum()
+        labels = batch["labels"]
+        keep = target_positions(labels) if sparse_head else None
+        if keep is not None and 0 < keep.numel() < labels.shape[1] - 1:
+            logits = _logits(forward_with(model, params, batch, logits_to_keep=keep, **forward_kwargs))
+            losses = grouped_cross_entropy(logits, labels[:, keep + 1], groups or 1)
+        else:
+            logits = _logits(forward_with(model, params, batch, **forward_kwargs))
+            losses = grouped_target_loss(logits, labels, groups or 1)
+        return losses[0] if groups is None else losses.sum()
 
     return loss_fn
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from deltameta.atomic import atomic_write_text
+from deltameta import output_dir
+from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.config import config_to_yaml
 from deltameta.errors import ConfigError
 
@@ -37,7 +37,7 @@ RUN_MARKERS = (RUN_FILE, CONFIG_FILE, METRICS_FILE, "checkpoints", "final")
 
 def holds_run(path: Path) -> bool:
     """Return whether ``path`` holds a deltameta run."""
-    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+    return output_dir.holds_run(path, RUN_MARKERS)
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
@@ -60,22 +60,7 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = Fa
         if not holds_run(path):
             raise ConfigError(f"--resume {path}: no deltameta run there (expected {CONFIG_FILE} and checkpoints/).")
         return path
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir='{path}' is a file; give a directory.")
-    if holds_run(path):
-        if not overwrite:
-            raise ConfigError(
-                f"output_dir='{path}' already holds a run; pass --overwrite to replace it, --resume {path} to "
-                "continue it, or choose another output_dir=..."
-            )
-        shutil.rmtree(path)
-    elif path.is_dir() and any(path.iterdir()):
-        raise ConfigError(
-            f"output_dir='{path}' is not empty and holds no deltameta run; refusing to write into it "
-            "(even with --overwrite). Choose an empty or new directory."
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return output_dir.prepare_output_dir(path, RUN_MARKERS, overwrite, resumable=True)
 
 
 def write_config(run_dir: Path, config: Any) -> None:
@@ -104,7 +89,7 @@ def write_status(run_dir: Path, status: str, **extra: Any) -> None:
     except Exception:  # noqa: BLE001 - not installed as a distribution
         pass
     data.update(extra)
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_json(path, data)
 
 
 def _clean(value: Any) -> Any:
@@ -171,45 +156,22 @@ def write_plots(run_dir: Path, rows: Iterable[dict[str, Any]]) -> list[Path]:
     Returns:
         The files written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from deltameta.plots import write_curve_plots
 
     rows = list(rows)
-    out = run_dir / PLOTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
     train = [r for r in rows if r.get("kind") == "train"]
     val = [r for r in rows if r.get("kind") == "validation"]
 
-    def series(data, key):
-        points = [(r["step"], r[key]) for r in data if isinstance(r.get(key), (int, float))]
-        return [p[0] for p in points], [p[1] for p in points]
+    def curves(data: list[dict[str, Any]], keys: list[tuple[str, str]]) -> list[tuple[str, list[tuple[Any, Any]]]]:
+        return [(label, [(r["step"], r[key]) for r in data if isinstance(r.get(key), (int, float))]) for key, label in keys]
 
     panels = [
-        ("losses.png", "meta-training losses", train, [("support_before", "support loss (before)"),
-                                                        ("query_after", "query loss (after adaptation)")]),
-        ("validation.png", "held-out tasks: query loss", val, [("query_before", "before adaptation"),
-                                                                ("query_after", "after adaptation")]),
-        ("controller.png", "controller", train, [("controller_entropy", "entropy (nats)"),
-                                                  ("controller_budget", "expected params / max")]),
-        ("throughput.png", "throughput", train, [("tokens_per_s", "tokens/s")]),
+        ("losses.png", "meta-training losses", curves(train, [("support_before", "support loss (before)"),
+                                                               ("query_after", "query loss (after adaptation)")])),
+        ("validation.png", "held-out tasks: query loss", curves(val, [("query_before", "before adaptation"),
+                                                                       ("query_after", "after adaptation")])),
+        ("controller.png", "controller", curves(train, [("controller_entropy", "entropy (nats)"),
+                                                         ("controller_budget", "expected params / max")])),
+        ("throughput.png", "throughput", curves(train, [("tokens_per_s", "tokens/s")])),
     ]
-    for name, title, data, keys in panels:
-        curves = [(label, *series(data, key)) for key, label in keys]
-        if not any(xs for _, xs, _ in curves):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for label, xs, ys in curves:
-            if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-        ax.set_xlabel("outer step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(out / name)
-    return written
+    return write_curve_plots(run_dir / PLOTS_DIR, panels, "outer step")

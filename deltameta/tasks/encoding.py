@@ -76,7 +76,17 @@ def truncate_pair(prompt: list[int], target: list[int], max_length: int) -> tupl
     return prompt[-1:], target[: max_length - 1], True
 
 
-def _rows_to_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token rows into a batch.
+
+    Args:
+        rows: ``(input_ids, labels)`` per row, as lists of ints (``labels`` no longer than ``input_ids``).
+        pad_id: Padding id for ``input_ids``.
+
+    Returns:
+        ``input_ids`` (padded with ``pad_id``), ``attention_mask`` (0 on padding) and ``labels``
+        (``-100`` on padding), each a ``LongTensor`` of shape ``(rows, longest row)``.
+    """
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -150,7 +160,7 @@ def encode_examples(
             else:
                 packed.append((ids, lab))
         rows = packed
-    return _rows_to_batch(rows, pad_token_id(tokenizer))
+    return collate_rows(rows, pad_token_id(tokenizer))
 
 
 def encode_episode(

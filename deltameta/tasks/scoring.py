@@ -31,17 +31,48 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Returns:
         A scalar: the mean over all answer tokens of the batch (0, still attached to the graph,
-        when there are none).
+        when there are none), computed as :func:`grouped_lm_loss` with one group.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    count = (shift_labels != IGNORE_INDEX).sum()
-    if count == 0:
-        return shift_logits.sum() * 0.0
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / count
+    return grouped_lm_loss(logits, labels, 1)[0]
+
+
+def grouped_lm_loss(logits: torch.Tensor, labels: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group :func:`lm_loss` of a batch made of ``groups`` equal contiguous groups (tasks).
+
+    The loss is computed in the logits' dtype, with half precision upcast to float32 (float64
+    stays float64, for exact gradient checks).
+
+    Args:
+        logits: ``(batch, length, vocab)`` with ``batch`` divisible by ``groups``.
+        labels: ``(batch, length)`` with ``-100`` outside the answers.
+        groups: Number of groups in the batch.
+
+    Returns:
+        ``(groups,)`` losses, each the mean over that group's answer tokens (0 for a group without
+        any answer token).
+    """
+    return grouped_cross_entropy(logits[:, :-1, :], labels[:, 1:], groups)
+
+
+def grouped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group mean cross-entropy of aligned predictions: ``logits[:, i]`` predicts ``targets[:, i]``.
+
+    Args:
+        logits: ``(batch, positions, vocab)``; half precision is upcast to float32.
+        targets: ``(batch, positions)`` token ids, ``-100`` where no loss is taken.
+        groups: Number of equal contiguous groups in the batch.
+
+    Returns:
+        ``(groups,)`` mean losses over each group's counted positions (0 where there are none).
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = targets.to(logits.device)
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(groups, -1)
+    mask = (targets != IGNORE_INDEX).view(groups, -1).to(token_loss.dtype)
+    return (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
