@@ -158,3 +158,29 @@ def test_mean_ci():
     assert stats["mean"] == pytest.approx(0.6)
     assert stats["ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-6)
     assert mean_ci([0.4])["ci95"] is None and mean_ci([])["mean"] is None
+
+
+def test_merging_evaluations_of_different_methods(tmp_path):
+    """Methods evaluated in separate runs merge into the table a single run would give."""
+    from deltameta.evaluate import merge_evaluations
+
+    single = run_evaluate(_config(tmp_path / "all", methods=["zero-shot", "fresh-lora", "icl"], plots=False))
+    first = run_evaluate(_config(tmp_path / "a", methods=["zero-shot", "fresh-lora"], plots=False))
+    second = run_evaluate(_config(tmp_path / "b", methods=["icl"], plots=False))
+    merged = merge_evaluations([str(tmp_path / "a" / "eval"), str(tmp_path / "b" / "eval")], str(tmp_path / "merged"))
+    assert set(merged["methods"]) == {"zero-shot", "fresh-lora", "icl"}
+    assert (tmp_path / "merged" / "results.md").is_file() and (tmp_path / "merged" / "results.json").is_file()
+    for task, entry in single["tasks"].items():
+        for method in ("zero-shot", "fresh-lora", "icl"):
+            assert merged["tasks"][task]["methods"][method]["accuracy"] == entry["methods"][method]["accuracy"], method
+    assert merged["summary"]["methods"] == single["summary"]["methods"]
+
+    # parts on other episodes, or repeating a method, are refused
+    other = run_evaluate(_config(tmp_path / "c", methods=["icl"], seed=7, plots=False))
+    with pytest.raises(ConfigError, match="used episodes"):
+        merge_evaluations([str(tmp_path / "a" / "eval"), str(tmp_path / "c" / "eval")], str(tmp_path / "m2"))
+    with pytest.raises(ConfigError, match="repeats method"):
+        merge_evaluations([str(tmp_path / "b" / "eval"), str(tmp_path / "c" / "eval")], str(tmp_path / "m3"))
+    with pytest.raises(ConfigError, match="holds no results.json"):
+        merge_evaluations([str(tmp_path / "a" / "eval"), str(tmp_path / "nope")], str(tmp_path / "m4"))
+    assert first and second and other

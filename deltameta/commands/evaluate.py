@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         recipes="recipes/evaluate/",
         overwrite_help="replace previous results in output_dir",
         run=run,
+        options=[("--merge", dict(nargs="+", metavar="DIR", default=None,
+                                  help="instead of evaluating, merge the results of evaluations of different methods on "
+                                       "the same episodes (their output dirs) into output_dir"))],
     )
 
 
@@ -42,11 +45,17 @@ def run(args: argparse.Namespace) -> int:
     from deltameta.evaluate.report import _pct
 
     config = build_config(EvaluateConfig, args.config, args.overrides)
-    results = run_evaluate(config, overwrite=args.overwrite)
+    if args.merge:
+        from deltameta.evaluate import merge_evaluations
+
+        results = merge_evaluations(args.merge, config.output_dir, overwrite=args.overwrite)
+    else:
+        results = run_evaluate(config, overwrite=args.overwrite)
     steps = [str(s) for s in results["steps"]]
     summary = results["summary"]["methods"]
     width = max(len(m) for m in results["methods"])
-    lines = [f"evaluated {len(results['methods'])} methods on {len(results['tasks'])} tasks x {config.episodes} episodes "
+    episodes = len(next(iter(results["tasks"].values()))["episodes"]) if results["tasks"] else 0
+    lines = [f"evaluated {len(results['methods'])} methods on {len(results['tasks'])} tasks x {episodes} episodes "
              f"in {results['timing']['seconds']:.0f} s; accuracy % (95% CI across tasks):",
              f"{'method':<{width}}  " + "  ".join(f"{s + ' steps':>14}" for s in steps)]
     for method in results["methods"]:

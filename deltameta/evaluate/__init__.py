@@ -11,6 +11,6 @@
 
 from deltameta.evaluate.config import METHODS, TRAINING_METHODS, EvaluateConfig
 from deltameta.evaluate.report import markdown_table, mean_ci, summarize
-from deltameta.evaluate.runner import Evaluator, run_evaluate
+from deltameta.evaluate.runner import Evaluator, merge_evaluations, run_evaluate
 
-__all__ = ["METHODS", "TRAINING_METHODS", "EvaluateConfig", "Evaluator", "markdown_table", "mean_ci", "run_evaluate", "summarize"]
+__all__ = ["METHODS", "TRAINING_METHODS", "EvaluateConfig", "Evaluator", "markdown_table", "merge_evaluations", "mean_ci", "run_evaluate", "summarize"]

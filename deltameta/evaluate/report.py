@@ -8,6 +8,7 @@ distribution). Method differences (``meta - multitask``, ...) use paired per-tas
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -208,3 +209,55 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[Path]:
     plt.close(fig)
     written.append(folder / "per_task.png")
     return written
+
+
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge evaluations of *different methods* on the same tasks and episodes into one.
+
+    Lets the methods of one comparison run as separate processes (e.g. in parallel, or a
+    baseline added later); the merged result is what a single run of all methods would give.
+
+    Args:
+        parts: ``results.json`` contents, each with a disjoint set of methods.
+
+    Returns:
+        The merged results, with the summary recomputed.
+
+    Raises:
+        ConfigError: the parts differ in steps, tasks or episodes, or share a method.
+    """
+    from deltameta.errors import ConfigError
+
+    if len(parts) < 2:
+        raise ConfigError("merging needs at least two evaluation results.")
+    first = parts[0]
+    merged = json.loads(json.dumps(first))
+    for index, part in enumerate(parts[1:], start=1):
+        if part["steps"] != first["steps"]:
+            raise ConfigError(f"part {index} was scored after steps {part['steps']}, part 0 after {first['steps']}.")
+        if set(part["tasks"]) != set(first["tasks"]):
+            raise ConfigError(f"part {index} evaluated other tasks than part 0: "
+                              f"{sorted(set(part['tasks']) ^ set(first['tasks']))[:5]}")
+        shared = set(part["methods"]) & set(merged["methods"])
+        if shared:
+            raise ConfigError(f"part {index} repeats method(s) {sorted(shared)}; merge parts with disjoint methods.")
+        for task, entry in part["tasks"].items():
+            ids = [(record["id"], record.get("fingerprint")) for record in entry["episodes"]]
+            expected = [(record["id"], record.get("fingerprint")) for record in merged["tasks"][task]["episodes"]]
+            if ids != expected:
+                raise ConfigError(f"task '{task}': part {index} used episodes {ids}, part 0 used {expected}; "
+                                  "run every part with the same seed, shots, query_size and episodes.")
+            merged["tasks"][task]["methods"].update(entry["methods"])
+        merged["methods"].update(part["methods"])
+        merged["warnings"] = merged.get("warnings", []) + part.get("warnings", [])
+        timing = merged.setdefault("timing", {})
+        timing["seconds"] = timing.get("seconds", 0.0) + part.get("timing", {}).get("seconds", 0.0)
+        for key in ("per_method_seconds", "per_episode_seconds"):
+            timing.setdefault(key, {}).update(part.get("timing", {}).get(key, {}))
+        budget = merged.setdefault("budget", {})
+        for key in ("preparation", "parity"):
+            if isinstance(budget.get(key), dict) and isinstance(part.get("budget", {}).get(key), dict):
+                budget[key].update(part["budget"][key])
+    merged["merged_from"] = len(parts)
+    merged["summary"] = summarize(merged)
+    return merged

@@ -441,3 +441,37 @@ def run_evaluate(config: EvaluateConfig, overwrite: bool = False, model: tuple[A
     atomic_write_json(out / "run.json", {"status": "finished", "methods": evaluator.methods,
                                          "tasks": [t.name for t in evaluator.tasks], "seconds": results["timing"]["seconds"]})
     return results
+
+
+def merge_evaluations(directories: list[str], output_dir: str, overwrite: bool = False) -> dict[str, Any]:
+    """Merge evaluations of different methods on the same episodes (``deltameta evaluate --merge``).
+
+    Args:
+        directories: Output dirs of finished evaluations, each with a disjoint set of methods.
+        output_dir: Where the merged ``results.json``, table and plots go.
+        overwrite: Replace previous results in ``output_dir``.
+
+    Returns:
+        The merged ``results.json`` content.
+
+    Raises:
+        ConfigError: a directory holds no finished evaluation, or the parts do not fit together.
+    """
+    import json
+
+    from deltameta.evaluate.report import merge_results
+
+    parts = []
+    for directory in directories:
+        path = Path(directory) / RESULTS_FILE
+        if not path.is_file():
+            raise ConfigError(f"'{directory}' holds no {RESULTS_FILE}; pass output dirs of finished evaluations.")
+        parts.append(json.loads(path.read_text()))
+    results = merge_results(parts)
+    out = prepare_output_dir(output_dir, RUN_MARKERS, overwrite, "evaluate")
+    atomic_write_json(out / RESULTS_FILE, results)
+    atomic_write_text(out / TABLE_FILE, markdown_table(results))
+    write_plots(out, results)
+    atomic_write_json(out / "run.json", {"status": "finished", "merged_from": [str(d) for d in directories],
+                                         "methods": list(results["methods"]), "tasks": list(results["tasks"])})
+    return results
