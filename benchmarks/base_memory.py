@@ -48,8 +48,8 @@ def main() -> None:
     mib = 2**20
     rows = {q: measure(args.model, q) for q in ("none", "nf4")}
     print(f"model: {args.model}")
-    print(f"| quantization | RSS after load + forward (MiB) | RSS added (MiB) | model tensors (MiB) |")
-    print(f"|---|---|---|---|")
+    print("| quantization | RSS after load + forward (MiB) | RSS added (MiB) | model tensors (MiB) |")
+    print("|---|---|---|---|")
     for q, r in rows.items():
         label = "fp32 (none)" if q == "none" else q
         print(f"| {label} | {r['rss_after'] / mib:.0f} | {(r['rss_after'] - r['rss_before']) / mib:.0f} | {r['tensor_bytes'] / mib:.0f} |")

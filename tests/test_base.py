@@ -183,8 +183,10 @@ def test_local_directory_loads(tmp_path, tiny_fp32):
 
 
 @pytest.mark.slow
-def test_smollm2_nf4_answers_paris_and_prepare_is_cached(tmp_path):
+def test_smollm2_nf4_answers_paris_and_prepare_is_cached(tmp_path, monkeypatch):
     from deltameta.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the embedded default needs no hub at all
 
     assert main(["models", "prepare", "smollm2-135m"]) == 0
     nf4_dir = base.prepared_dir("smollm2-135m", "nf4")

@@ -63,7 +63,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, algorithm, batched):
     original = trainer.save_checkpoint
 
     def crash_after_first_checkpoint():
-        path = original()
+        original()
         raise KeyboardInterrupt  # simulated kill right after the step-2 checkpoint
 
     trainer.save_checkpoint = crash_after_first_checkpoint
