@@ -510,8 +510,13 @@ def _check_quantization(quantization: str) -> None:
         raise ModelLoadError(f"unknown quantization '{quantization}'; choose one of {', '.join(QUANTIZATIONS)}.")
 
 
-def _resolve_device(device: str | None) -> str:
-    if device is None:
+def resolve_device(device: str | None) -> str:
+    """Resolve ``None``/``"auto"`` to ``cuda`` when available, else ``cpu``; check an explicit CUDA device.
+
+    Raises:
+        ModelLoadError: CUDA was asked for but is not available.
+    """
+    if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device '{device}' was asked for but CUDA is not available; pass device='cpu'.")
@@ -570,7 +575,7 @@ def load_base(
             is never a silent fallback to full precision.
     """
     _check_quantization(quantization)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     dtype = _parse_dtype(compute_dtype, device)
     if quantization != "none":
         check_4bit_available(device)

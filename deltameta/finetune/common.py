@@ -17,16 +17,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def load_frozen_base(config: Any):
     """Load the frozen base named by a config (``model``, ``quantization``, ``compute_dtype``, ...)."""
-    from deltameta.base import load_base
+    from deltameta.base import load_base, resolve_device
 
     dtype = None if config.compute_dtype == "auto" else config.compute_dtype
     return load_base(config.model, config.quantization, compute_dtype=dtype, double_quant=config.double_quant,

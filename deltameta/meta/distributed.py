@@ -241,8 +241,10 @@ def resolve_device(device: str, ctx: DistContext) -> str:
     Raises:
         ConfigError: an explicit ``cuda:N`` in a multi-process run (every process would share one GPU).
     """
+    from deltameta.base import resolve_device as resolve_single
+
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_single(device)
     if not ctx.enabled or not device.startswith("cuda"):
         return device
     if device != "cuda":
