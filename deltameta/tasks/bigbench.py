@@ -10,13 +10,12 @@ stem before ``__``.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from deltameta.errors import DataError
-from deltameta.tasks.task import Example, PromptTemplate, Task, family_of
+from deltameta.tasks.task import Example, PromptTemplate, Task, family_of, parse_json
 
 #: Files in a task directory that are not tasks.
 NON_TASK_FILES = frozenset({"splits.json"})
@@ -50,14 +49,7 @@ def load_json_file(path: Path) -> Any:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"'{path}' is not valid UTF-8 (byte {error.start}).") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"'{path}' is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
-    except RecursionError:
-        raise DataError(f"'{path}' is nested too deeply to parse.") from None
-    except ValueError as error:  # e.g. an integer literal beyond Python's digit limit
-        raise DataError(f"'{path}' is not valid JSON: {error}.") from None
+    return parse_json(text, f"'{path}'", "is not valid JSON")
 
 
 def template_from_bigbench(spec: dict[str, Any], where: str = "") -> PromptTemplate:

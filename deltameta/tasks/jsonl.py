@@ -8,12 +8,11 @@ derived from the task name. Blank lines are skipped. Lines of several tasks may 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from deltameta.errors import DataError
-from deltameta.tasks.task import DEFAULT_TEMPLATE, Example, PromptTemplate, Task, family_of
+from deltameta.tasks.task import DEFAULT_TEMPLATE, Example, PromptTemplate, Task, family_of, parse_json
 
 
 def _text_field(record: dict[str, Any], key: str, where: str) -> str:
@@ -105,14 +104,7 @@ def read_jsonl(path: str | Path, template: PromptTemplate = DEFAULT_TEMPLATE) ->
             raise DataError(f"{where}: not valid UTF-8 (byte {error.start}).") from None
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: malformed JSON: {error.msg} at column {error.colno}.") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply.") from None
-        except ValueError as error:  # e.g. an integer literal beyond Python's digit limit
-            raise DataError(f"{where}: malformed JSON: {error}.") from None
+        record = parse_json(line, f"{where}:", "malformed JSON", with_line=False)
         rows.append(parse_record(record, where, path.stem))
     if not rows:
         raise DataError(f"'{path}' holds no examples (it is empty or blank).")

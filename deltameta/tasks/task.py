@@ -9,6 +9,7 @@ neither.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Sequence
 
 from deltameta.errors import ConfigError, DataError
@@ -28,6 +29,29 @@ def family_of(name: str) -> str:
     """
     head = name.split(FAMILY_SEPARATOR, 1)[0]
     return head or name
+
+
+def parse_json(text: str, where: str, invalid: str, with_line: bool = True) -> Any:
+    """Parse JSON text, turning every parser failure into a :class:`DataError` naming ``where``.
+
+    Args:
+        text: The JSON text.
+        where: The message's subject, e.g. ``"'task.json'"`` or ``"'data.jsonl' line 3:"``.
+        invalid: What to call bad JSON, e.g. ``"is not valid JSON"`` or ``"malformed JSON"``.
+        with_line: Report the line as well as the column of a syntax error.
+
+    Raises:
+        DataError: ``{where} {invalid}: {detail}.``
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        position = f"line {error.lineno}, column {error.colno}" if with_line else f"column {error.colno}"
+        raise DataError(f"{where} {invalid}: {error.msg} at {position}.") from None
+    except RecursionError:
+        raise DataError(f"{where} {invalid}: nested too deeply to parse.") from None
+    except ValueError as error:  # e.g. an integer literal beyond Python's digit limit
+        raise DataError(f"{where} {invalid}: {error}.") from None
 
 
 def _check_text(value: Any, field: str) -> str:
