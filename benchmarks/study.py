@@ -1,0 +1,184 @@
+"""The compute-matched study: does a meta-learned adapter adapt better than its multitask twin?
+
+Run (one configuration; every stage is skipped when its output already exists, so a study can be
+run in pieces across working sessions and resumed):
+
+    python benchmarks/study.py --name fomaml-lora [--bigbench ../shared/data/bigbench-lite] \
+        [--out runs/study] [--stages meta,multitask,eval-rules,eval-families,eval-dev,report] \
+        -- algorithm=fomaml delta=lora controller=none inner_steps=2
+
+For one configuration (the ``key=value`` overrides after ``--`` go to both meta-trainings):
+
+1. ``meta``: ``deltameta meta-train`` with the study recipe and the overrides;
+2. ``multitask``: the same command with ``algorithm=multitask`` (same tasks, episodes, passes and
+   tokens: the compute-matched baseline);
+3. ``eval-rules``: ``deltameta evaluate`` on *new tasks of the meta-training families* (hidden rules
+   never seen: task indices ``--tasks-per-family`` .. 2x-1 of each meta-training family);
+4. ``eval-families``: on the held-out built-in families (the ``validation`` split);
+5. ``eval-dev``: on bigbench-lite ``dev`` (only with ``--bigbench``; never meta-trained on);
+6. ``report``: one markdown row per evaluation and method (accuracy after the adapter's trained
+   number of inner steps, paired differences against the baselines with 95% CIs), appended to
+   ``OUT/study.md`` and printed.
+
+Every method of an evaluation runs on the same episodes; the meta-adapter is adapted with the inner
+loop it was meta-trained for (the evaluate command's default). ``--model tiny-random-llama`` with
+``--smoke`` runs the whole pipeline in seconds (the test suite does this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STAGES = ("meta", "multitask", "eval-rules", "eval-families", "eval-dev", "report")
+#: Study recipe on top of the default meta-train recipe (built-in families, split by family).
+STUDY_KEYS = {"tasks": "builtin", "splits": "train=0.75,validation=0.25", "eval_every": 0, "plots": "false",
+              "progress": "false"}
+SMOKE_KEYS = {"model": "tiny-random-llama", "quantization": "none", "builtin_tasks_per_family": 2,
+              "builtin_examples_per_task": 24, "max_length": 64, "outer_steps": 2, "eval_tasks": 2, "rank": 2,
+              "ops": "[tarp-2,lora-2,skip]", "target_modules": "[q_proj,v_proj]", "checkpoint_every": 0}
+SMOKE_EVAL = {"model": "tiny-random-llama", "quantization": "none", "episodes": 2, "query_size": 4,
+              "max_length": 64, "max_tasks": 2, "plots": "false", "progress": "false"}
+
+
+def _deltameta(args: list[str], log: Path) -> float:
+    """Run ``python -m deltameta ARGS`` with its output in ``log``; return the wall seconds."""
+    started = time.perf_counter()
+    with log.open("w", encoding="utf-8") as out:
+        proc = subprocess.run([sys.executable, "-m", "deltameta", *args], stdout=out, stderr=subprocess.STDOUT,
+                              env=dict(os.environ), check=False)
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"`deltameta {' '.join(args)}` failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def _keys(mapping: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in mapping.items()]
+
+
+def _override_dict(overrides: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in overrides)
+
+
+def _train_families(meta_run: Path) -> tuple[list[str], int, int, int]:
+    """The meta-training families of a run, its tasks per family, examples per task and seed."""
+    import yaml
+
+    from deltameta.tasks import load_tasks
+
+    config = yaml.safe_load((meta_run / "config.yaml").read_text(encoding="utf-8"))
+    per_family = int(config["builtin_tasks_per_family"])
+    splits = load_tasks(config["tasks"], splits=config["splits"], seed=config["seed"],
+                        builtin_tasks_per_family=per_family,
+                        builtin_examples_per_task=config["builtin_examples_per_task"])
+    families = sorted({t.family for t in splits[config["train_split"]]})
+    return families, per_family, int(config["builtin_examples_per_task"]), int(config["seed"])
+
+
+def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool) -> dict[str, dict[str, Any]]:
+    """The evaluate overrides of each evaluation stage (only those that apply)."""
+    families, per_family, examples, seed = _train_families(meta_run)
+    new_rules = [f"{family}__{i:03d}" for family in families for i in range(per_family, 2 * per_family)]
+    stages: dict[str, dict[str, Any]] = {
+        "eval-rules": {"tasks": "builtin:" + ",".join(families), "splits": "", "split": "",
+                       "builtin_tasks_per_family": 2 * per_family, "builtin_examples_per_task": examples,
+                       "task_names": "[" + ",".join(new_rules) + "]", "seed": seed},
+        "eval-families": {"tasks": "builtin", "splits": "train=0.75,validation=0.25", "split": "validation",
+                          "builtin_tasks_per_family": per_family, "builtin_examples_per_task": examples,
+                          "seed": seed},
+    }
+    if bigbench:
+        stages["eval-dev"] = {"tasks": bigbench, "splits": str(Path(bigbench) / "splits.json"), "split": "dev",
+                              "seed": seed}
+    for keys in stages.values():
+        keys.update(adapter=str(meta_run), multitask_adapter=str(out / "multitask"))
+        if smoke:
+            keys.update(SMOKE_EVAL)
+    return stages
+
+
+def _report_rows(name: str, stage: str, results: dict[str, Any]) -> list[str]:
+    """Markdown rows: accuracy of each method at the trained step, paired differences with CIs."""
+    summary = results.get("summary", {})
+    methods = summary.get("methods", {})
+    rows = []
+    for method, stats in methods.items():
+        step = stats.get("trained_step", stats.get("last_step"))
+        acc = stats.get("accuracy", {}).get(str(step), {})
+        diffs = []
+        for other, diff in (stats.get("paired", {}) or {}).items():
+            d = diff.get(str(step)) if isinstance(diff, dict) and str(step) in diff else diff
+            if isinstance(d, dict) and d.get("mean") is not None:
+                mark = "*" if d.get("excludes_zero") else ""
+                diffs.append(f"vs {other} {100 * d['mean']:+.1f} ± {100 * d.get('half_width', 0):.1f}{mark}")
+        mean = acc.get("mean")
+        half = acc.get("half_width")
+        cell = f"{100 * mean:.1f} ± {100 * (half or 0):.1f}" if mean is not None else "n/a"
+        rows.append(f"| {name} | {stage} | {method} | {step} | {cell} | {'; '.join(diffs)} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="configuration name (a folder under --out)")
+    parser.add_argument("--out", default="runs/study", help="study root folder")
+    parser.add_argument("--bigbench", default=None, help="bigbench-lite folder (with splits.json) for eval-dev")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
+    parser.add_argument("--model", default=None, help="base model alias (default: the recipe's)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("overrides", nargs="*", help="key=value meta-train overrides (after --)")
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    out = Path(args.out) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    keys = dict(STUDY_KEYS)
+    if args.smoke:
+        keys.update(SMOKE_KEYS)
+    if args.model:
+        keys["model"] = args.model
+    keys.update(_override_dict(args.overrides))
+    timings = {}
+    for run, algorithm in (("meta", None), ("multitask", "multitask")):
+        if run in stages and not (out / run / "final").exists():
+            run_keys = dict(keys, output_dir=str(out / run))
+            if algorithm:
+                run_keys["algorithm"] = algorithm
+            timings[run] = _deltameta(["meta-train", "--overwrite", *_keys(run_keys)], out / f"{run}.log")
+    wanted = [s for s in stages if s.startswith("eval-")]
+    if wanted:
+        for stage, eval_keys in evaluations(out, out / "meta", args.bigbench, args.smoke).items():
+            if stage in wanted and not (out / stage / "results.json").exists():
+                if args.model and not args.smoke:
+                    eval_keys["model"] = args.model
+                eval_keys["output_dir"] = str(out / stage)
+                timings[stage] = _deltameta(["evaluate", "--overwrite", *_keys(eval_keys)], out / f"{stage}.log")
+    if timings:
+        previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+        (out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
+    if "report" in stages:
+        rows = []
+        for stage in ("eval-rules", "eval-families", "eval-dev"):
+            path = out / stage / "results.json"
+            if path.exists():
+                rows += _report_rows(args.name, stage, json.loads(path.read_text(encoding="utf-8")))
+        header = ["| config | evaluation | method | step | accuracy % ± 95% CI | paired differences (* CI excludes 0) |",
+                  "|---|---|---|---|---|---|"]
+        text = "\n".join(header + rows) + "\n"
+        (out / "study.md").write_text(text, encoding="utf-8")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
