@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from typing import Any, Literal
 
-from deltameta.config import BaseModelKeys, field
+from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
 
 #: Every method, in the order tables and plots list them.
@@ -37,6 +37,8 @@ class EvaluateConfig(BaseModelKeys):
 
     # tasks and episodes
     tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file")
+    columns: dict[str, str] = columns_field()
+    template: str = template_field()
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios ('' : no split)")
     split: str = field("validation", "the held-out split to evaluate on ('' : every task of the source)")
     task_names: list[str] = field([], "evaluate only these tasks (default: all of the split)")
@@ -73,6 +75,7 @@ class EvaluateConfig(BaseModelKeys):
         Raises:
             ConfigError: naming the key, its value and what is valid (closest method suggested).
         """
+        check_data_keys(self)
         self.methods = [m.strip() for item in self.methods for m in str(item).split(",") if m.strip()]
         for method in self.methods:
             if method not in METHODS:

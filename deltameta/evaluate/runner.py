@@ -98,13 +98,10 @@ class Evaluator:
 
     def _load_tasks(self) -> list[Any]:
         from deltameta.tasks import TaskCollection, load_tasks
+        from deltameta.tasks.loader import data_options
 
         c = self.config
-        kwargs: dict[str, Any] = {"seed": c.seed}
-        if str(c.tasks).startswith("builtin"):
-            kwargs.update(builtin_tasks_per_family=c.builtin_tasks_per_family,
-                          builtin_examples_per_task=c.builtin_examples_per_task)
-        loaded = load_tasks(c.tasks, splits=c.splits or None, **kwargs)
+        loaded = load_tasks(c.tasks, splits=c.splits or None, **data_options(c))
         if isinstance(loaded, dict):
             if not c.split:
                 collection = TaskCollection.merge(*loaded.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from deltameta.config import BaseModelKeys, field
+from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
 from deltameta.finetune.common import DEFAULT_TARGETS
 
@@ -35,6 +35,8 @@ class FinetuneConfig(BaseModelKeys):
 
     # data
     tasks: str = field("builtin:linear", "the task: any source 'deltameta tasks list' reads, or a jsonl of input/output lines")
+    columns: dict[str, str] = columns_field()
+    template: str = template_field()
     task_names: list[str] = field([], "train only on these tasks of the source (default: all of them)")
     builtin_tasks_per_family: int = field(1, "tasks generated per built-in family")
     builtin_examples_per_task: int = field(64, "examples per built-in task")
@@ -74,6 +76,7 @@ class FinetuneConfig(BaseModelKeys):
         Raises:
             ConfigError: naming the key, its value and what is valid.
         """
+        check_data_keys(self)
         for key in ("rank", "batch_size", "gradient_accumulation", "max_length", "builtin_tasks_per_family",
                     "builtin_examples_per_task"):
             if getattr(self, key) < 1:

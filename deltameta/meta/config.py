@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from deltameta.config import BaseModelKeys, field
+from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
 
 ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask", "none")
@@ -25,6 +25,8 @@ class MetaTrainConfig(BaseModelKeys):
 
     # tasks
     tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file")
+    columns: dict[str, str] = columns_field()
+    template: str = template_field()
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios like train=0.8,validation=0.2")
     train_split: str = field("train", "split used for meta-training")
     val_split: str = field("validation", "held-out split for validation ('' to skip)")
@@ -88,6 +90,7 @@ class MetaTrainConfig(BaseModelKeys):
         Raises:
             ConfigError: naming the key, its value and what is valid.
         """
+        check_data_keys(self)
         positive = ("inner_steps", "outer_steps", "meta_batch_size", "query_size", "max_length", "rank",
                     "builtin_tasks_per_family", "builtin_examples_per_task", "eval_tasks", "keep_checkpoints", "max_nonfinite")
         for key in positive:
