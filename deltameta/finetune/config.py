@@ -51,7 +51,7 @@ class FinetuneConfig(BaseModelKeys):
     optimizer: Literal["adamw", "sgd"] = field("adamw", "optimizer of the adapter")
     lr: float = field(1e-3, "peak learning rate")
     lr_schedule: Literal["constant", "linear", "cosine"] = field("cosine", "decay after warmup")
-    warmup_steps: int = field(5, "linear warmup steps")
+    warmup_steps: int = field(5, "linear warmup steps from lr 0 (transformers convention)")
     min_lr_ratio: float = field(0.0, "final lr as a fraction of lr (linear, cosine)")
     weight_decay: float = field(0.0, "AdamW weight decay")
     batch_size: int = field(8, "examples per micro-batch")
@@ -92,9 +92,11 @@ class FinetuneConfig(BaseModelKeys):
         for key in ("weight_decay", "max_grad_norm", "early_stopping_min_delta"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a number >= 0.")
-        for key in ("val_fraction", "min_lr_ratio", "lora_dropout"):
-            if not 0 <= getattr(self, key) < 1 + (key == "min_lr_ratio"):
+        for key in ("val_fraction", "lora_dropout"):
+            if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a fraction in [0, 1).")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected a fraction in [0, 1].")
         if self.early_stopping_patience and not (self.val_fraction or self.val_tasks):
             raise ConfigError("early_stopping_patience needs a validation split: set val_fraction > 0 or val_tasks=...")
         if self.dynamic and not self.adapter:

@@ -36,6 +36,7 @@ from deltameta.finetune.adapters import SIDECAR_FILES, check_base_matches, ensur
 from deltameta.finetune.config import FinetuneConfig
 from deltameta.finetune.data import encode_items, group_by_task, load_finetune_data
 from deltameta.output_dir import prepare_output_dir
+from deltameta.schedule import make_scheduler
 from deltameta.tasks.encoding import collate_rows
 
 logger = logging.getLogger(__name__)
@@ -67,21 +68,6 @@ class FinetuneResult:
     train_loss_after: float
     best_val_loss: float | None
     seconds: float
-
-
-def lr_lambda(config: FinetuneConfig, total: int):
-    """Return the lr multiplier of step ``s``: linear warmup, then constant, linear or cosine decay."""
-
-    def factor(step: int) -> float:
-        if config.warmup_steps and step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = min(max(step - config.warmup_steps, 0) / max(total - config.warmup_steps, 1), 1.0)
-        shape = 1.0 - progress if config.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
-
-    return factor
 
 
 def make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float, weight_decay: float = 0.0):
@@ -139,7 +125,7 @@ class _Trainer:
         per_step = c.batch_size * c.gradient_accumulation
         self.total = c.steps or max(1, math.ceil(c.epochs * len(self.train_rows) / per_step))
         self.optimizer = make_optimizer(list(self.params.values()), c.optimizer, c.lr, c.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total))
+        self.scheduler = make_scheduler(self.optimizer, c.lr_schedule, c.warmup_steps, self.total, c.min_lr_ratio)
         self.generator = torch.Generator().manual_seed(c.seed)
         self.order: list[int] = []
         self.epoch = 0

@@ -68,7 +68,7 @@ class MetaTrainConfig(BaseModelKeys):
     task_batched: bool = field(True, "run the meta-batch's tasks in one batched forward/backward (same result as looping)")
     outer_lr: float = field(3e-3, "AdamW learning rate of the deltas")
     weight_decay: float = field(0.0, "AdamW weight decay")
-    warmup_steps: int = field(4, "linear warmup steps before cosine decay")
+    warmup_steps: int = field(4, "linear warmup steps from lr 0 (transformers convention) before cosine decay")
     min_lr_ratio: float = field(0.1, "final lr as a fraction of outer_lr")
     meta_clip: float = field(1.0, "meta-gradient norm clipping (0: off)")
     max_nonfinite: int = field(5, "stop after this many non-finite steps in a row")
