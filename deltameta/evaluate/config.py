@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
+from deltameta.reporting import report_to_field, resolve_report_to
 
 #: Every method, in the order tables and plots list them.
 METHODS = ("zero-shot", "icl", "fresh-lora", "multitask", "meta", "meta-dynamic")
@@ -67,6 +68,7 @@ class EvaluateConfig(BaseModelKeys):
     batch_size: int = field(32, "rows per scoring forward")
     output_dir: str = field("runs/evaluate", "output directory")
     plots: bool = field(True, "write PNG plots")
+    report_to: list[str] = report_to_field()
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -76,6 +78,7 @@ class EvaluateConfig(BaseModelKeys):
             ConfigError: naming the key, its value and what is valid (closest method suggested).
         """
         check_data_keys(self)
+        resolve_report_to(self.report_to)  # an unknown or uninstalled tracker fails here
         self.methods = [m.strip() for item in self.methods for m in str(item).split(",") if m.strip()]
         for method in self.methods:
             if method not in METHODS:

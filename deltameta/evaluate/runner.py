@@ -437,7 +437,26 @@ def run_evaluate(config: EvaluateConfig, overwrite: bool = False, model: tuple[A
         raise
     atomic_write_json(out / "run.json", {"status": "finished", "methods": evaluator.methods,
                                          "tasks": [t.name for t in evaluator.tasks], "seconds": results["timing"]["seconds"]})
+    report_results(config, out, results)
     return results
+
+
+def report_results(config: EvaluateConfig, out: Path, results: dict[str, Any]) -> None:
+    """Send the summary to the ``report_to`` trackers: ``METHOD/accuracy`` (and its CI) per adaptation step."""
+    from deltameta.config import config_to_dict
+    from deltameta.reporting import Reporter
+
+    reporter = Reporter(config.report_to, out, config_to_dict(config), "evaluate")
+    try:
+        summary = results["summary"]["methods"]
+        for step in results["steps"]:  # one call per step: wandb needs increasing steps
+            scalars = {}
+            for method, by_step in summary.items():
+                stats = by_step[str(step)]
+                scalars.update({f"{method}/accuracy": stats["mean"], f"{method}/accuracy_ci95": stats["ci95"]})
+            reporter.log_scalars(scalars, int(step))
+    finally:
+        reporter.close()
 
 
 def merge_evaluations(directories: list[str], output_dir: str, overwrite: bool = False) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
+from deltameta.reporting import report_to_field, resolve_report_to
 from deltameta.finetune.common import DEFAULT_TARGETS
 
 
@@ -68,6 +69,7 @@ class FinetuneConfig(BaseModelKeys):
     seed: int = field(0, "seed of data order, splits and fresh-LoRA init")
     output_dir: str = field("runs/finetune", "output directory")
     plots: bool = field(True, "write PNG plots of the curves")
+    report_to: list[str] = report_to_field()
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -77,6 +79,7 @@ class FinetuneConfig(BaseModelKeys):
             ConfigError: naming the key, its value and what is valid.
         """
         check_data_keys(self)
+        resolve_report_to(self.report_to)  # an unknown or uninstalled tracker fails here
         for key in ("rank", "batch_size", "gradient_accumulation", "max_length", "builtin_tasks_per_family",
                     "builtin_examples_per_task"):
             if getattr(self, key) < 1:

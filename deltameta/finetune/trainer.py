@@ -7,7 +7,7 @@ every N steps (loss and accuracy) with early stopping, and writes::
 
     OUTPUT/run.json        status, counts, losses, which adapter to use
     OUTPUT/config.yaml     the resolved config
-    OUTPUT/metrics.jsonl   one row per step and per validation
+    OUTPUT/metrics.jsonl   one row per step and per validation (also sent to the report_to trackers)
     OUTPUT/plots/*.png     loss and accuracy curves
     OUTPUT/last/           the PEFT adapter after the last step
     OUTPUT/best/           the PEFT adapter with the lowest validation loss (with validation)
@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from deltameta.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from deltameta.config import config_to_yaml
+from deltameta.config import config_to_dict, config_to_yaml
 from deltameta.finetune import common
 from deltameta.finetune.adapters import SIDECAR_FILES, check_base_matches, ensure_peft_dir, resolve_adapter
 from deltameta.finetune.config import FinetuneConfig
 from deltameta.finetune.data import encode_items, group_by_task, load_finetune_data
 from deltameta.output_dir import prepare_output_dir
+from deltameta.reporting import Reporter
 from deltameta.schedule import make_scheduler
 from deltameta.tasks.encoding import collate_rows
 
@@ -181,6 +182,7 @@ class _Trainer:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
         self.rows.append(clean)
+        self.reporter.log(clean)
 
     def _save(self, name: str) -> Path:
         target = self.out / name
@@ -229,6 +231,7 @@ class _Trainer:
                                                   "adapter_source": self.source.to_dict() if self.source else None,
                                                   "data": self.data.tasks})
         self.metrics_path.write_text("", encoding="utf-8")
+        self.reporter = Reporter(c.report_to, self.out, config_to_dict(c), "finetune")
         before = self._mean_loss(self.train_probe)
         has_val = bool(self.val_rows)
         best = None
@@ -285,6 +288,7 @@ class _Trainer:
                             break
         finally:
             bar.close()
+            self.reporter.close()
         seconds = time.perf_counter() - started
         self.model.eval()
         after = self._mean_loss(self.train_probe)

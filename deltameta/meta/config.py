@@ -12,6 +12,7 @@ from typing import Literal
 
 from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
+from deltameta.reporting import report_to_field, resolve_report_to
 
 ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask", "none")
 
@@ -82,6 +83,7 @@ class MetaTrainConfig(BaseModelKeys):
     output_dir: str = field("runs/meta-train", "run directory")
     export: bool = field(True, "write the PEFT export of the final meta-adapter into RUN_DIR/peft")
     plots: bool = field(True, "write PNG plots of the curves")
+    report_to: list[str] = report_to_field()
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -91,6 +93,7 @@ class MetaTrainConfig(BaseModelKeys):
             ConfigError: naming the key, its value and what is valid.
         """
         check_data_keys(self)
+        resolve_report_to(self.report_to)  # an unknown or uninstalled tracker fails here
         positive = ("inner_steps", "outer_steps", "meta_batch_size", "query_size", "max_length", "rank",
                     "builtin_tasks_per_family", "builtin_examples_per_task", "eval_tasks", "keep_checkpoints", "max_nonfinite")
         for key in positive:

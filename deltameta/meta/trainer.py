@@ -171,8 +171,14 @@ class MetaTrainer:
         start_step = 0
         if self.resume:
             start_step = self._load_latest()
-        self.metrics = (MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None)
-                        if self.dist.is_main else D.NullMetricsLog())
+        if self.dist.is_main:
+            from deltameta.config import config_to_dict
+            from deltameta.reporting import Reporter
+
+            reporter = Reporter(c.report_to, self.run_dir, config_to_dict(c), "meta-train", resume=self.resume)
+            self.metrics = MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None, reporter=reporter)
+        else:
+            self.metrics = D.NullMetricsLog()
 
     def _encode(self, episode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         support = data.encode(self.tokenizer, episode.task, episode.support, self.config.max_length)
