@@ -275,3 +275,35 @@ def describe_keys(cls: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  {f.name:<22} {f.metadata.get('help', '')} (default: {default!r})")
     return "\n".join(lines)
+
+
+def resume_config(cls: type[T], run_dir: str | Path, overrides: list[str], mutable: tuple[str, ...],
+                  recipe: str | Path | None = None, command: str = "") -> T:
+    """The config of a resumed run: its saved ``config.yaml`` plus the few overrides that keep its course.
+
+    Args:
+        cls: The command's config dataclass.
+        run_dir: The run directory given to ``--resume``.
+        overrides: ``key=value`` words.
+        mutable: Keys that may change on resume (they do not change the result).
+        recipe: ``--config``; must be ``None``.
+        command: The command, for messages.
+
+    Raises:
+        ConfigError: ``--config`` given, no ``config.yaml`` in ``run_dir``, or an override of a
+            key outside ``mutable``.
+    """
+    if recipe is not None:
+        raise ConfigError("--resume uses the run's saved config.yaml; do not pass --config with it.")
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a {command or 'deltameta'} run directory?")
+    parsed = parse_overrides(overrides)
+    changed = sorted(k for k in parsed if k not in mutable and k != "output_dir")
+    if changed:
+        raise ConfigError(
+            f"--resume continues the run exactly as configured; cannot change {', '.join(changed)} "
+            f"(only {', '.join(mutable)} may be given). Start a new run instead."
+        )
+    parsed["output_dir"] = str(run_dir)
+    return build_config(cls, saved, parsed)

@@ -66,6 +66,7 @@ class FinetuneConfig(BaseModelKeys):
     early_stopping_patience: int = field(0, "stop after this many validations without improvement (0: off)")
     early_stopping_min_delta: float = field(0.0, "smallest validation-loss decrease that counts as improvement")
     save_best: bool = field(True, "keep the adapter with the lowest validation loss in OUTPUT/best")
+    checkpoint_every: int = field(20, "write a resumable checkpoint (OUTPUT/checkpoint) every N steps (0: never)")
     seed: int = field(0, "seed of data order, splits and fresh-LoRA init")
     output_dir: str = field("runs/finetune", "output directory")
     plots: bool = field(True, "write PNG plots of the curves")
@@ -84,7 +85,8 @@ class FinetuneConfig(BaseModelKeys):
                     "builtin_examples_per_task"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 1.")
-        for key in ("steps", "shots", "warmup_steps", "eval_every", "eval_examples", "early_stopping_patience"):
+        for key in ("steps", "shots", "warmup_steps", "eval_every", "eval_examples", "early_stopping_patience",
+                    "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
         if self.steps == 0 and self.epochs <= 0:
