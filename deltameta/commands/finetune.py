@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "quantization=none). Start from a meta-adapter (adapter=RUN_DIR, an exported PEFT dir, or "
             "adapters/<name>) or a fresh LoRA (no adapter). The task is any source 'deltameta tasks list' reads, "
             "or a jsonl file of {\"input\": ..., \"output\": ...} lines. The result, OUTPUT/best and OUTPUT/last, "
-            "loads with PeftModel.from_pretrained. Keys come from the defaults, then the recipe, then key=value."
+            "loads with PeftModel.from_pretrained. Keys come from the defaults, then the recipe, then key=value. "
+            "It runs in one process: under torchrun / accelerate launch with several processes it refuses to start."
         ),
         examples=[
             "deltameta finetune",
@@ -45,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from deltameta.errors import ConfigError
     from deltameta.finetune import FinetuneConfig, run_finetune
 
+    from deltameta.finetune.trainer import check_single_process
+    from deltameta.meta.distributed import env_world
+
+    try:
+        check_single_process()  # before anything is read or written
+    except ConfigError:
+        if env_world()[0] != 0:
+            return 2  # rank 0 says it once
+        raise
     if args.resume is not None:
         if args.overwrite:
             raise ConfigError("--resume continues the run in RUN_DIR; it cannot be combined with --overwrite.")

@@ -414,6 +414,30 @@ def write_finetune_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     return write_curve_plots(out / "plots", panels, "step")
 
 
+def check_single_process() -> None:
+    """Refuse to run under ``torchrun`` / ``accelerate launch`` with more than one process.
+
+    Fine-tuning is not data-parallel: N processes would run N identical trainings racing on
+    ``output_dir``. Called before anything is read or written.
+
+    Raises:
+        ConfigError: the launcher's environment or the process group says more than one process.
+    """
+    from deltameta.errors import ConfigError
+    from deltameta.meta.distributed import env_world
+
+    _, world, _ = env_world()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        world = max(world, dist.get_world_size())
+    if world > 1:
+        raise ConfigError(
+            f"finetune runs in one process, but this is one of {world} processes (torchrun / accelerate launch); "
+            "it is not data-parallel, and the copies would race on output_dir. Run `deltameta finetune ...` "
+            "without the launcher (meta-train is the multi-process command)."
+        )
+
+
 def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[nn.Module, Any] | None = None,
                  resume: bool = False) -> FinetuneResult:
     """Fine-tune (the Python form of ``deltameta finetune``).
@@ -433,6 +457,7 @@ def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[n
         DataError: the task source cannot be read.
         ModelLoadError, MetaStateError: the adapter is missing, unfinished or for another base.
     """
+    check_single_process()
     if resume:
         out = Path(config.output_dir).expanduser()
         trainer = _Trainer(config, out, model, resume=True)
