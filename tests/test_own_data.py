@@ -67,6 +67,23 @@ def test_every_file_format_honours_columns_and_template(tmp_path, own_csv):
         load_tasks("builtin:linear", columns=columns)
 
 
+def test_hub_dataset_honours_columns_and_template(monkeypatch):
+    import datasets
+
+    from deltameta.tasks import hf
+
+    asked = []
+
+    def fake_load(source, **kwargs):  # the hub is offline here: serve the rows as that dataset
+        asked.append((source, kwargs))
+        return datasets.Dataset.from_list(_rows())
+
+    monkeypatch.setattr(hf, "load_hf_dataset", fake_load)
+    collection = load_tasks("someone/mine", columns=parse_columns(COLUMNS), template=TEMPLATE, hf_split="validation")
+    assert asked == [("someone/mine", {"split": "validation", "config": None, "revision": None})]
+    assert len(collection) == 8 and collection["parity__0"].template == PromptTemplate("Q: {input}\nA:", " {target}")
+
+
 def test_columns_and_template_keys_parse_and_fail_clearly():
     for text in (COLUMNS, "input=text,target=label,options=choices,task=dataset"):
         config = build_config(MetaTrainConfig, overrides=[f"columns={text}", "template={input} =>||| {target}"])
