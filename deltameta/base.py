@@ -252,6 +252,26 @@ def _gguf_path(alias: ModelAlias) -> Path:
     return path
 
 
+def save_model_files(model: torch.nn.Module, directory: str | Path) -> None:
+    """``model.save_pretrained(directory)`` that writes on every process.
+
+    Once a ``torch.distributed`` process group exists, transformers 5's ``save_pretrained`` writes
+    only on global rank 0, so another rank preparing its own local copy (a temporary directory, or
+    the cache of another machine) would find it empty. There the config and the weights are written
+    directly (``config.json``, ``generation_config.json``, ``model.safetensors``; tied weights once).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _convert_gguf(alias: ModelAlias, out: Path) -> None:
     """Dequantize the alias's GGUF file into a safetensors checkpoint at ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -266,7 +286,7 @@ def _convert_gguf(alias: ModelAlias, out: Path) -> None:
         quantization_config=GgufConfig(dequantize=True),
     )
     with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_model_files(model, tmp)
         tokenizer.save_pretrained(tmp)
         _write_source(tmp, {"name": alias.name, "base_model_name_or_path": alias.hub_id, "gguf": str(gguf)})
 
@@ -589,7 +609,7 @@ def load_base(
             network = network.to(device=device, dtype=dtype)
         else:
             with tempfile.TemporaryDirectory(prefix="deltameta-tiny-") as tmp:
-                network.save_pretrained(tmp, safe_serialization=True)
+                save_model_files(network, tmp)  # every rank quantizes its own copy
                 network = AutoModelForCausalLM.from_pretrained(
                     tmp,
                     dtype=torch.float32,

@@ -51,6 +51,33 @@ class BaseModelKeys:
     device: str = field("auto", "cpu, cuda, cuda:N or auto")
 
 
+def columns_field() -> Any:
+    """The ``columns`` key of every command that reads tasks (one definition, one help text)."""
+    return field({}, "column mapping of csv/parquet/jsonl/hub data: {input: COL, target: COL, options: COL, task: COL}")
+
+
+def template_field() -> Any:
+    """The ``template`` key of every command that reads tasks."""
+    return field("", "prompt template for every task: 'INPUT_FORMAT|||TARGET_FORMAT', e.g. '{input}\\nAnswer:||| {target}' ('': the tasks' own)")
+
+
+def check_data_keys(config: Any) -> None:
+    """Check and normalise a config's ``columns`` and ``template`` (called by ``validate()``).
+
+    Raises:
+        ConfigError: an unknown column field, a value that is not a column name, or a template
+            without its placeholders.
+    """
+    from deltameta.tasks.hf import normalize_columns, parse_columns
+    from deltameta.tasks.task import PromptTemplate
+
+    if config.columns:
+        normalize_columns(parse_columns(config.columns))  # raises on unknown fields
+        config.columns = parse_columns(config.columns)
+    if config.template:
+        PromptTemplate.parse(config.template)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings; values are read as YAML (``3``, ``0.1``, ``true``, ``[a, b]``).
 
@@ -152,6 +179,11 @@ def coerce(value: Any, annotation: Any, key: str, where: str = "") -> Any:
         (item_type,) = get_args(annotation)[:1] or (Any,)
         return [coerce(v, item_type, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
+        if isinstance(value, str) and "=" in value and not value.strip().startswith("{"):
+            pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+            if any(not sep or not k.strip() for k, sep, _ in pairs):
+                raise fail()
+            value = {k.strip(): yaml.safe_load(v.strip()) if v.strip() else "" for k, _, v in pairs}
         if not isinstance(value, dict):
             raise fail()
         return dict(value)
@@ -202,7 +234,15 @@ def build_config(cls: type[T], recipe: str | Path | None = None, overrides: list
     if recipe is not None:
         sources.append((load_recipe(recipe), f" in recipe '{recipe}'"))
     if overrides:
-        parsed = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        if isinstance(overrides, dict):
+            parsed = overrides
+        else:
+            parsed = parse_overrides(list(overrides))
+            for item in overrides:  # a text key keeps its text: template={input} is not a YAML mapping
+                key, _, raw = item.partition("=")
+                key = key.strip()
+                if key in hints and hints[key] is str and isinstance(parsed.get(key), (dict, list)):
+                    parsed[key] = raw
         sources.append((parsed, " on the command line"))
     for mapping, where in sources:
         for key, value in mapping.items():
@@ -235,3 +275,35 @@ def describe_keys(cls: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  {f.name:<22} {f.metadata.get('help', '')} (default: {default!r})")
     return "\n".join(lines)
+
+
+def resume_config(cls: type[T], run_dir: str | Path, overrides: list[str], mutable: tuple[str, ...],
+                  recipe: str | Path | None = None, command: str = "") -> T:
+    """The config of a resumed run: its saved ``config.yaml`` plus the few overrides that keep its course.
+
+    Args:
+        cls: The command's config dataclass.
+        run_dir: The run directory given to ``--resume``.
+        overrides: ``key=value`` words.
+        mutable: Keys that may change on resume (they do not change the result).
+        recipe: ``--config``; must be ``None``.
+        command: The command, for messages.
+
+    Raises:
+        ConfigError: ``--config`` given, no ``config.yaml`` in ``run_dir``, or an override of a
+            key outside ``mutable``.
+    """
+    if recipe is not None:
+        raise ConfigError("--resume uses the run's saved config.yaml; do not pass --config with it.")
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a {command or 'deltameta'} run directory?")
+    parsed = parse_overrides(overrides)
+    changed = sorted(k for k in parsed if k not in mutable and k != "output_dir")
+    if changed:
+        raise ConfigError(
+            f"--resume continues the run exactly as configured; cannot change {', '.join(changed)} "
+            f"(only {', '.join(mutable)} may be given). Start a new run instead."
+        )
+    parsed["output_dir"] = str(run_dir)
+    return build_config(cls, saved, parsed)

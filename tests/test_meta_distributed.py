@@ -18,13 +18,17 @@ from deltameta.meta import distributed as D
 from deltameta.meta.trainer import run_meta_train
 from meta_helpers import tiny_config
 
-#: Two runs that together cover task-batched and looped inner loops, FOMAML and Meta-SGD
-#: (learned inner rates), the task-conditioned controller (gathered embeddings) and the global one.
+#: Runs that together cover task-batched and looped inner loops, FOMAML and Meta-SGD (learned inner
+#: rates), the task-conditioned controller (gathered embeddings), the global one and an NF4 base.
 RUNS = {
     "fomaml-task": dict(algorithm="fomaml", controller="task", task_batched=True, meta_batch_size=4, outer_steps=3,
                         eval_every=0, checkpoint_every=0),
     "metasgd-global": dict(algorithm="metasgd", controller="global", task_batched=False, meta_batch_size=2,
                            outer_steps=4, eval_every=2, checkpoint_every=2),
+    # the default 4-bit base: every rank quantizes tiny-random-llama itself (transformers 5's
+    # save_pretrained writes only on rank 0 once a process group exists)
+    "fomaml-nf4": dict(algorithm="fomaml", controller="none", quantization="nf4", meta_batch_size=2, outer_steps=2,
+                       eval_every=0, checkpoint_every=0),
 }
 
 
@@ -92,6 +96,8 @@ def test_two_processes_match_single_process(tmp_path):
     for name, single in singles.items():
         dist_dir = tmp_path / f"dist-{name}"
         _assert_close(_deltas(single.run_dir), _deltas(dist_dir), name)
+        if RUNS[name]["controller"] == "none":
+            continue
         ca = load_file(str(single.run_dir / "final" / "controller.safetensors"))
         cb = load_file(str(dist_dir / "final" / "controller.safetensors"))
         # the controller's Adam (lr 0.05) amplifies summation-order rounding in its tiny gradients:
@@ -133,3 +139,36 @@ def test_config_digest_ignores_progress_only(tmp_path):
     assert D.config_digest(a)[0] == D.config_digest(tiny_config(tmp_path, progress=True))[0]
     assert D.config_digest(a)[0] != D.config_digest(tiny_config(tmp_path, seed=1))[0]
 
+
+
+def _finetune_worker(rank: int, world: int, port: int, root: str) -> None:
+    """One rank of `torchrun --nproc_per_node 2 -m deltameta finetune ...` (gloo, tiny model)."""
+    import contextlib
+    import io
+    import pathlib
+
+    from deltameta.cli import main
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    root = pathlib.Path(root)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(["finetune", "model=tiny-random-llama", "tasks=builtin:linear", "steps=2", "progress=false",
+                         f"output_dir={root / 'ft'}"])
+        (root / f"finetune-{rank}.txt").write_text(f"{code}\n{err.getvalue()}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_finetune_under_a_launcher_refuses_with_one_line(tmp_path):
+    mp.spawn(_finetune_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    code0, *lines0 = (tmp_path / "finetune-0.txt").read_text().splitlines()
+    code1, *lines1 = (tmp_path / "finetune-1.txt").read_text().splitlines()
+    assert code0 == code1 == "2"
+    assert len(lines0) == 1 and "finetune runs in one process, but this is one of 2 processes" in lines0[0]
+    assert lines1 == []
+    assert not (tmp_path / "ft").exists()  # nothing written, no duplicate runs

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from deltameta.errors import ConfigError, DeltametaError
 from deltameta.meta import checkpoint as ckpt
 from deltameta.meta.run_dir import prepare_run_dir
-from deltameta.meta.trainer import MetaTrainer, TrainingError, run_meta_train, warmup_cosine
+from deltameta.meta.trainer import MetaTrainer, TrainingError, run_meta_train
 from meta_helpers import tiny_config
 
 TIMING_KEYS = {"tokens_per_s", "seconds", "memory_mb"}
@@ -179,12 +179,6 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
 
     assert main(["meta-train", "inner_lrr=0.1"]) == 2
     assert "Did you mean 'inner_lr'" in capsys.readouterr().err
-
-
-def test_warmup_cosine_schedule():
-    f = warmup_cosine(2, 10, 0.1)
-    assert f(0) == 0.5 and f(1) == 1.0 and f(2) == 1.0
-    assert f(10) == pytest.approx(0.1) and f(6) == pytest.approx(0.55)
 
 
 def test_gradient_checkpointing_inplace_matches_functional(tmp_path):

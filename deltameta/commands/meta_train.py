@@ -11,7 +11,7 @@ from deltameta.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 #: Keys that may differ from the saved config when resuming (they do not change the trajectory).
-RESUME_MUTABLE = ("progress", "plots", "export")
+RESUME_MUTABLE = ("progress", "plots", "export", "report_to")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -13,18 +13,20 @@ _SOURCE_HELP = (
 
 
 def _columns(text: str) -> dict[str, str]:
-    mapping = {}
-    for part in text.split(","):
-        field, sep, column = part.partition("=")
-        if not sep or not field.strip() or not column.strip():
-            raise argparse.ArgumentTypeError(f"bad column mapping '{part}'; expected FIELD=COLUMN,... e.g. input=question,output=answer")
-        mapping[field.strip()] = column.strip()
-    return mapping
+    from deltameta.tasks.hf import normalize_columns, parse_columns
+
+    try:
+        columns = parse_columns(text, "--columns")
+        normalize_columns(columns)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return columns
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP)
-    parser.add_argument("--columns", type=_columns, default=None, help="column mapping for datasets sources, e.g. input=question,output=answer,options=choices,task=task")
+    parser.add_argument("--columns", type=_columns, default=None, help="column mapping for csv/parquet/jsonl/hub data, as in the other commands' columns key: "
+                        "'{input: question, target: answer, options: choices, task: name}' or input=question,target=answer")
     parser.add_argument("--template", default=None, help="prompt template overriding the tasks' own: INPUT_FORMAT|||TARGET_FORMAT, e.g. '{input}\\nAnswer:||| {target}'")
     parser.add_argument("--builtin-tasks-per-family", type=int, default=16, help="tasks generated per built-in family (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of built-in tasks, ratio splits and episodes (default: 0)")

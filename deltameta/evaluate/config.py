@@ -11,8 +11,9 @@ import dataclasses
 import difflib
 from typing import Any, Literal
 
-from deltameta.config import BaseModelKeys, field
+from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
+from deltameta.reporting import report_to_field, resolve_report_to
 
 #: Every method, in the order tables and plots list them.
 METHODS = ("zero-shot", "icl", "fresh-lora", "multitask", "meta", "meta-dynamic")
@@ -37,6 +38,8 @@ class EvaluateConfig(BaseModelKeys):
 
     # tasks and episodes
     tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file")
+    columns: dict[str, str] = columns_field()
+    template: str = template_field()
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios ('' : no split)")
     split: str = field("validation", "the held-out split to evaluate on ('' : every task of the source)")
     task_names: list[str] = field([], "evaluate only these tasks (default: all of the split)")
@@ -65,6 +68,7 @@ class EvaluateConfig(BaseModelKeys):
     batch_size: int = field(32, "rows per scoring forward")
     output_dir: str = field("runs/evaluate", "output directory")
     plots: bool = field(True, "write PNG plots")
+    report_to: list[str] = report_to_field()
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -73,6 +77,8 @@ class EvaluateConfig(BaseModelKeys):
         Raises:
             ConfigError: naming the key, its value and what is valid (closest method suggested).
         """
+        check_data_keys(self)
+        resolve_report_to(self.report_to)  # an unknown or uninstalled tracker fails here
         self.methods = [m.strip() for item in self.methods for m in str(item).split(",") if m.strip()]
         for method in self.methods:
             if method not in METHODS:

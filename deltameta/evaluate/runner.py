@@ -98,13 +98,10 @@ class Evaluator:
 
     def _load_tasks(self) -> list[Any]:
         from deltameta.tasks import TaskCollection, load_tasks
+        from deltameta.tasks.loader import data_options
 
         c = self.config
-        kwargs: dict[str, Any] = {"seed": c.seed}
-        if str(c.tasks).startswith("builtin"):
-            kwargs.update(builtin_tasks_per_family=c.builtin_tasks_per_family,
-                          builtin_examples_per_task=c.builtin_examples_per_task)
-        loaded = load_tasks(c.tasks, splits=c.splits or None, **kwargs)
+        loaded = load_tasks(c.tasks, splits=c.splits or None, **data_options(c))
         if isinstance(loaded, dict):
             if not c.split:
                 collection = TaskCollection.merge(*loaded.values())
@@ -440,7 +437,26 @@ def run_evaluate(config: EvaluateConfig, overwrite: bool = False, model: tuple[A
         raise
     atomic_write_json(out / "run.json", {"status": "finished", "methods": evaluator.methods,
                                          "tasks": [t.name for t in evaluator.tasks], "seconds": results["timing"]["seconds"]})
+    report_results(config, out, results)
     return results
+
+
+def report_results(config: EvaluateConfig, out: Path, results: dict[str, Any]) -> None:
+    """Send the summary to the ``report_to`` trackers: ``METHOD/accuracy`` (and its CI) per adaptation step."""
+    from deltameta.config import config_to_dict
+    from deltameta.reporting import Reporter
+
+    reporter = Reporter(config.report_to, out, config_to_dict(config), "evaluate")
+    try:
+        summary = results["summary"]["methods"]
+        for step in results["steps"]:  # one call per step: wandb needs increasing steps
+            scalars = {}
+            for method, by_step in summary.items():
+                stats = by_step[str(step)]
+                scalars.update({f"{method}/accuracy": stats["mean"], f"{method}/accuracy_ci95": stats["ci95"]})
+            reporter.log_scalars(scalars, int(step))
+    finally:
+        reporter.close()
 
 
 def merge_evaluations(directories: list[str], output_dir: str, overwrite: bool = False) -> dict[str, Any]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from deltameta.config import BaseModelKeys, field
+from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
+from deltameta.reporting import report_to_field, resolve_report_to
 from deltameta.finetune.common import DEFAULT_TARGETS
 
 
@@ -35,6 +36,8 @@ class FinetuneConfig(BaseModelKeys):
 
     # data
     tasks: str = field("builtin:linear", "the task: any source 'deltameta tasks list' reads, or a jsonl of input/output lines")
+    columns: dict[str, str] = columns_field()
+    template: str = template_field()
     task_names: list[str] = field([], "train only on these tasks of the source (default: all of them)")
     builtin_tasks_per_family: int = field(1, "tasks generated per built-in family")
     builtin_examples_per_task: int = field(64, "examples per built-in task")
@@ -49,7 +52,7 @@ class FinetuneConfig(BaseModelKeys):
     optimizer: Literal["adamw", "sgd"] = field("adamw", "optimizer of the adapter")
     lr: float = field(1e-3, "peak learning rate")
     lr_schedule: Literal["constant", "linear", "cosine"] = field("cosine", "decay after warmup")
-    warmup_steps: int = field(5, "linear warmup steps")
+    warmup_steps: int = field(5, "linear warmup steps from lr 0 (transformers convention)")
     min_lr_ratio: float = field(0.0, "final lr as a fraction of lr (linear, cosine)")
     weight_decay: float = field(0.0, "AdamW weight decay")
     batch_size: int = field(8, "examples per micro-batch")
@@ -63,9 +66,11 @@ class FinetuneConfig(BaseModelKeys):
     early_stopping_patience: int = field(0, "stop after this many validations without improvement (0: off)")
     early_stopping_min_delta: float = field(0.0, "smallest validation-loss decrease that counts as improvement")
     save_best: bool = field(True, "keep the adapter with the lowest validation loss in OUTPUT/best")
+    checkpoint_every: int = field(20, "write a resumable checkpoint (OUTPUT/checkpoint) every N steps (0: never)")
     seed: int = field(0, "seed of data order, splits and fresh-LoRA init")
     output_dir: str = field("runs/finetune", "output directory")
     plots: bool = field(True, "write PNG plots of the curves")
+    report_to: list[str] = report_to_field()
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -74,11 +79,14 @@ class FinetuneConfig(BaseModelKeys):
         Raises:
             ConfigError: naming the key, its value and what is valid.
         """
+        check_data_keys(self)
+        resolve_report_to(self.report_to)  # an unknown or uninstalled tracker fails here
         for key in ("rank", "batch_size", "gradient_accumulation", "max_length", "builtin_tasks_per_family",
                     "builtin_examples_per_task"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 1.")
-        for key in ("steps", "shots", "warmup_steps", "eval_every", "eval_examples", "early_stopping_patience"):
+        for key in ("steps", "shots", "warmup_steps", "eval_every", "eval_examples", "early_stopping_patience",
+                    "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
         if self.steps == 0 and self.epochs <= 0:
@@ -89,9 +97,11 @@ class FinetuneConfig(BaseModelKeys):
         for key in ("weight_decay", "max_grad_norm", "early_stopping_min_delta"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a number >= 0.")
-        for key in ("val_fraction", "min_lr_ratio", "lora_dropout"):
-            if not 0 <= getattr(self, key) < 1 + (key == "min_lr_ratio"):
+        for key in ("val_fraction", "lora_dropout"):
+            if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a fraction in [0, 1).")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected a fraction in [0, 1].")
         if self.early_stopping_patience and not (self.val_fraction or self.val_tasks):
             raise ConfigError("early_stopping_patience needs a validation split: set val_fraction > 0 or val_tasks=...")
         if self.dynamic and not self.adapter:

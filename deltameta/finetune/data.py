@@ -35,12 +35,9 @@ class FinetuneData:
 
 def _load(source: str, config: Any, what: str):
     from deltameta.tasks import TaskCollection, load_tasks
+    from deltameta.tasks.loader import data_options
 
-    kwargs: dict[str, Any] = {"seed": config.seed}
-    if str(source).startswith("builtin"):
-        kwargs.update(builtin_tasks_per_family=config.builtin_tasks_per_family,
-                      builtin_examples_per_task=config.builtin_examples_per_task)
-    collection = load_tasks(source, **kwargs)
+    collection = load_tasks(source, **data_options(config, source))
     if config.task_names:
         missing = [n for n in config.task_names if n not in collection]
         if missing and what == "tasks":

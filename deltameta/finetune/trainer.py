@@ -7,10 +7,14 @@ every N steps (loss and accuracy) with early stopping, and writes::
 
     OUTPUT/run.json        status, counts, losses, which adapter to use
     OUTPUT/config.yaml     the resolved config
-    OUTPUT/metrics.jsonl   one row per step and per validation
+    OUTPUT/metrics.jsonl   one row per step and per validation (also sent to the report_to trackers)
     OUTPUT/plots/*.png     loss and accuracy curves
     OUTPUT/last/           the PEFT adapter after the last step
     OUTPUT/best/           the PEFT adapter with the lowest validation loss (with validation)
+    OUTPUT/checkpoint/     the newest resumable state (every ``checkpoint_every`` steps): the adapter,
+                           optimizer, scheduler, data order, random generators and counters, in
+                           safetensors + JSON (no pickle); ``deltameta finetune --resume OUTPUT``
+                           continues from it exactly as the uninterrupted run would have gone on
 
 Both adapter directories load with plain ``PeftModel.from_pretrained``.
 """
@@ -30,18 +34,21 @@ import torch
 from torch import nn
 
 from deltameta.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from deltameta.config import config_to_yaml
+from deltameta.config import config_to_dict, config_to_yaml
 from deltameta.finetune import common
 from deltameta.finetune.adapters import SIDECAR_FILES, check_base_matches, ensure_peft_dir, resolve_adapter
 from deltameta.finetune.config import FinetuneConfig
 from deltameta.finetune.data import encode_items, group_by_task, load_finetune_data
 from deltameta.output_dir import prepare_output_dir
+from deltameta.reporting import Reporter
+from deltameta.schedule import make_scheduler
 from deltameta.tasks.encoding import collate_rows
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-RUN_MARKERS = ("run.json", "metrics.jsonl", "last", "best")
+RUN_MARKERS = ("run.json", "metrics.jsonl", "last", "best", "checkpoint")
+CHECKPOINT = "checkpoint"
 
 
 @dataclasses.dataclass
@@ -69,21 +76,6 @@ class FinetuneResult:
     seconds: float
 
 
-def lr_lambda(config: FinetuneConfig, total: int):
-    """Return the lr multiplier of step ``s``: linear warmup, then constant, linear or cosine decay."""
-
-    def factor(step: int) -> float:
-        if config.warmup_steps and step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = min(max(step - config.warmup_steps, 0) / max(total - config.warmup_steps, 1), 1.0)
-        shape = 1.0 - progress if config.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
-
-    return factor
-
-
 def make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float, weight_decay: float = 0.0):
     """AdamW or plain SGD over ``params``."""
     if optimizer == "sgd":
@@ -92,9 +84,11 @@ def make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float, weight
 
 
 class _Trainer:
-    def __init__(self, config: FinetuneConfig, out: Path, model: tuple[nn.Module, Any] | None) -> None:
+    def __init__(self, config: FinetuneConfig, out: Path, model: tuple[nn.Module, Any] | None,
+                 resume: bool = False) -> None:
         self.config = c = config
         self.out = out
+        self.resume_state = read_checkpoint(out) if resume else None  # fail before loading the base
         torch.manual_seed(c.seed)
         self.data = load_finetune_data(c)
         source = resolve_adapter(c.adapter, "adapter") if c.adapter else None  # fail before loading the base
@@ -104,7 +98,11 @@ class _Trainer:
         self.source = None
         if source is not None:
             check_base_matches(source, base)
-            source = ensure_peft_dir(source, out / "start_adapter", device=str(self.device), max_length=c.max_length)
+            start = out / "start_adapter"
+            if resume and source.peft_dir is None and (start / "adapter_config.json").is_file():  # exported before
+                source = dataclasses.replace(source, peft_dir=start,
+                                             has_sidecar=all((start / f).is_file() for f in SIDECAR_FILES))
+            source = ensure_peft_dir(source, start, device=str(self.device), max_length=c.max_length)
             check_base_matches(source, base)
             if c.dynamic and not source.has_sidecar:
                 logger.warning("dynamic=true but %s has no TARP sidecar; training the static adapter only", source.given)
@@ -139,7 +137,7 @@ class _Trainer:
         per_step = c.batch_size * c.gradient_accumulation
         self.total = c.steps or max(1, math.ceil(c.epochs * len(self.train_rows) / per_step))
         self.optimizer = make_optimizer(list(self.params.values()), c.optimizer, c.lr, c.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total))
+        self.scheduler = make_scheduler(self.optimizer, c.lr_schedule, c.warmup_steps, self.total, c.min_lr_ratio)
         self.generator = torch.Generator().manual_seed(c.seed)
         self.order: list[int] = []
         self.epoch = 0
@@ -195,6 +193,7 @@ class _Trainer:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
         self.rows.append(clean)
+        self.reporter.log(clean)
 
     def _save(self, name: str) -> Path:
         target = self.out / name
@@ -224,6 +223,45 @@ class _Trainer:
         lines += ["", "```python", "from peft import PeftModel", 'model = PeftModel.from_pretrained(base, "DIR")', "```", ""]
         return "\n".join(lines)
 
+    def _save_checkpoint(self, best: float | None, bad: int, before: float) -> Path:
+        """Write the resumable state atomically into ``OUTPUT/checkpoint`` (replacing the previous one)."""
+        from deltameta.atomic import atomic_directory
+        from deltameta.state_files import save_state
+
+        state = {
+            "params": {name: p for name, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "counters": {"step": self.step, "epoch": self.epoch, "order": list(self.order), "best": best,
+                         "bad": bad, "train_loss_before": before, "total": self.total},
+        }
+        with atomic_directory(self.out / CHECKPOINT) as tmp:
+            save_state(tmp, "trainer_state", state)
+        return self.out / CHECKPOINT
+
+    def _restore(self, state: dict[str, Any]) -> tuple[float | None, int, float]:
+        """Load :meth:`_save_checkpoint`'s state; return ``(best, bad, train_loss_before)``."""
+        from deltameta.errors import ConfigError
+
+        counters = state["counters"]
+        if int(counters["total"]) != self.total or set(state["params"]) != set(self.params):
+            raise ConfigError(f"--resume {self.out}: the checkpoint does not fit this run (total steps "
+                              f"{counters['total']} vs {self.total}, or other adapter tensors); was config.yaml edited?")
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.epoch = int(counters["step"]), int(counters["epoch"])
+        self.order = [int(i) for i in counters["order"]]
+        return counters["best"], int(counters["bad"]), float(counters["train_loss_before"])
+
     def _validate(self) -> dict[str, Any]:
         row = {"kind": "validation", "step": self.step, "val_loss": self._mean_loss(self.val_rows)}
         accuracy = self._accuracy()
@@ -238,22 +276,35 @@ class _Trainer:
         c = self.config
         self.rows: list[dict[str, Any]] = []
         self.step = 0
-        atomic_write_text(self.out / "config.yaml", config_to_yaml(c))
+        resume = self.resume_state is not None
+        if not resume:
+            atomic_write_text(self.out / "config.yaml", config_to_yaml(c))
         atomic_write_json(self.out / "run.json", {"status": "running", "total_steps": self.total,
                                                   "adapter_source": self.source.to_dict() if self.source else None,
                                                   "data": self.data.tasks})
-        self.metrics_path.write_text("", encoding="utf-8")
-        before = self._mean_loss(self.train_probe)
         has_val = bool(self.val_rows)
-        best = None
-        bad = 0
         stopped = False
-        if has_val:
-            best = self._validate()["val_loss"]
-            self._save("best") if c.save_best else None
+        if resume:
+            best, bad, before = self._restore(self.resume_state)
+            self.resume_state = None
+            kept = [line for line in _read_rows(self.metrics_path) if line.get("step", 0) <= self.step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.rows = kept
+            logger.info("resuming %s at step %d of %d", self.out, self.step, self.total)
+            self.reporter = Reporter(c.report_to, self.out, config_to_dict(c), "finetune", resume=True)
+        else:
+            self.metrics_path.write_text("", encoding="utf-8")
+            self.reporter = Reporter(c.report_to, self.out, config_to_dict(c), "finetune")
+            before = self._mean_loss(self.train_probe)
+            best = None
+            bad = 0
+            if has_val:
+                best = self._validate()["val_loss"]
+                self._save("best") if c.save_best else None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.total, desc="finetune", unit="step", disable=not c.progress, dynamic_ncols=True)
+        bar = tqdm(total=self.total, initial=self.step, desc="finetune", unit="step", disable=not c.progress,
+                   dynamic_ncols=True)
         started = time.perf_counter()
         self.model.train()
         try:
@@ -297,8 +348,11 @@ class _Trainer:
                             stopped = True
                             logger.info("early stopping at step %d: no improvement in %d validations", self.step, bad)
                             break
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < self.total:
+                    self._save_checkpoint(best, bad, before)
         finally:
             bar.close()
+            self.reporter.close()
         seconds = time.perf_counter() - started
         self.model.eval()
         after = self._mean_loss(self.train_probe)
@@ -317,6 +371,37 @@ class _Trainer:
         return FinetuneResult(self.out, adapter_dir, self.step, stopped, before, after, best, seconds)
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_checkpoint(out: Path) -> dict[str, Any]:
+    """Read the resumable state of the finetune run in ``out``.
+
+    Raises:
+        ConfigError: ``out`` holds no finetune run, the run finished, or it has no checkpoint yet.
+        StateFileError: the checkpoint cannot be read.
+    """
+    from deltameta.errors import ConfigError
+    from deltameta.state_files import load_state
+
+    run = out / "run.json"
+    if not run.is_file() or not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume {out}: no finetune run there (expected run.json and config.yaml).")
+    try:
+        status = json.loads(run.read_text(encoding="utf-8")).get("status")
+    except json.JSONDecodeError:
+        status = None
+    if status == "finished":
+        raise ConfigError(f"--resume {out}: the run has finished; its adapter is in {out / 'last'}.")
+    if not (out / CHECKPOINT / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume {out}: the run stopped before its first checkpoint (checkpoint_every); "
+                          "start it again with --overwrite.")
+    return load_state(out / CHECKPOINT, "trainer_state")
+
+
 def write_finetune_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Write ``plots/loss.png`` (train and validation loss) and ``plots/accuracy.png``."""
     from deltameta.plots import write_curve_plots
@@ -329,13 +414,40 @@ def write_finetune_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     return write_curve_plots(out / "plots", panels, "step")
 
 
-def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[nn.Module, Any] | None = None) -> FinetuneResult:
+def check_single_process() -> None:
+    """Refuse to run under ``torchrun`` / ``accelerate launch`` with more than one process.
+
+    Fine-tuning is not data-parallel: N processes would run N identical trainings racing on
+    ``output_dir``. Called before anything is read or written.
+
+    Raises:
+        ConfigError: the launcher's environment or the process group says more than one process.
+    """
+    from deltameta.errors import ConfigError
+    from deltameta.meta.distributed import env_world
+
+    _, world, _ = env_world()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        world = max(world, dist.get_world_size())
+    if world > 1:
+        raise ConfigError(
+            f"finetune runs in one process, but this is one of {world} processes (torchrun / accelerate launch); "
+            "it is not data-parallel, and the copies would race on output_dir. Run `deltameta finetune ...` "
+            "without the launcher (meta-train is the multi-process command)."
+        )
+
+
+def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[nn.Module, Any] | None = None,
+                 resume: bool = False) -> FinetuneResult:
     """Fine-tune (the Python form of ``deltameta finetune``).
 
     Args:
         config: The resolved config.
         overwrite: Replace a previous fine-tuning run in ``output_dir``.
         model: Optional preloaded frozen base ``(model, tokenizer)`` (it gets wrapped in a ``PeftModel``).
+        resume: Continue the stopped run in ``config.output_dir`` from its checkpoint (``config``
+            must be the run's saved one; see :func:`deltameta.finetune.resume_config`).
 
     Returns:
         A :class:`FinetuneResult`.
@@ -345,12 +457,17 @@ def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[n
         DataError: the task source cannot be read.
         ModelLoadError, MetaStateError: the adapter is missing, unfinished or for another base.
     """
-    out = prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "finetune")
-    try:
-        trainer = _Trainer(config, out, model)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing was trained: leave no half-made run behind
-        raise
+    check_single_process()
+    if resume:
+        out = Path(config.output_dir).expanduser()
+        trainer = _Trainer(config, out, model, resume=True)
+    else:
+        out = prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "finetune", resumable=True)
+        try:
+            trainer = _Trainer(config, out, model)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # nothing was trained: leave no half-made run behind
+            raise
     try:
         return trainer.train()
     except BaseException as error:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from deltameta.config import BaseModelKeys, field
+from deltameta.config import BaseModelKeys, check_data_keys, columns_field, field, template_field
 from deltameta.errors import ConfigError
+from deltameta.reporting import report_to_field, resolve_report_to
 
 ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask", "none")
 
@@ -25,6 +26,8 @@ class MetaTrainConfig(BaseModelKeys):
 
     # tasks
     tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file")
+    columns: dict[str, str] = columns_field()
+    template: str = template_field()
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios like train=0.8,validation=0.2")
     train_split: str = field("train", "split used for meta-training")
     val_split: str = field("validation", "held-out split for validation ('' to skip)")
@@ -66,7 +69,7 @@ class MetaTrainConfig(BaseModelKeys):
     task_batched: bool = field(True, "run the meta-batch's tasks in one batched forward/backward (same result as looping)")
     outer_lr: float = field(3e-3, "AdamW learning rate of the deltas")
     weight_decay: float = field(0.0, "AdamW weight decay")
-    warmup_steps: int = field(4, "linear warmup steps before cosine decay")
+    warmup_steps: int = field(4, "linear warmup steps from lr 0 (transformers convention) before cosine decay")
     min_lr_ratio: float = field(0.1, "final lr as a fraction of outer_lr")
     meta_clip: float = field(1.0, "meta-gradient norm clipping (0: off)")
     max_nonfinite: int = field(5, "stop after this many non-finite steps in a row")
@@ -80,6 +83,7 @@ class MetaTrainConfig(BaseModelKeys):
     output_dir: str = field("runs/meta-train", "run directory")
     export: bool = field(True, "write the PEFT export of the final meta-adapter into RUN_DIR/peft")
     plots: bool = field(True, "write PNG plots of the curves")
+    report_to: list[str] = report_to_field()
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -88,6 +92,8 @@ class MetaTrainConfig(BaseModelKeys):
         Raises:
             ConfigError: naming the key, its value and what is valid.
         """
+        check_data_keys(self)
+        resolve_report_to(self.report_to)  # an unknown or uninstalled tracker fails here
         positive = ("inner_steps", "outer_steps", "meta_batch_size", "query_size", "max_length", "rank",
                     "builtin_tasks_per_family", "builtin_examples_per_task", "eval_tasks", "keep_checkpoints", "max_nonfinite")
         for key in positive:

@@ -46,13 +46,9 @@ def load_splits(config: Any) -> TaskSplits:
         ConfigError: the train or validation split named in the config does not exist.
         DataError: the source cannot be read or has too few examples per task.
     """
-    from deltameta.tasks.loader import load_tasks
+    from deltameta.tasks.loader import data_options, load_tasks
 
-    kwargs: dict[str, Any] = dict(seed=config.seed, splits=config.splits)
-    if str(config.tasks).startswith("builtin"):
-        kwargs.update(builtin_tasks_per_family=config.builtin_tasks_per_family,
-                      builtin_examples_per_task=config.builtin_examples_per_task)
-    result = load_tasks(config.tasks, **kwargs)
+    result = load_tasks(config.tasks, splits=config.splits, **data_options(config))
     if not isinstance(result, dict):
         result = {config.train_split: result}
     names = {name: len(collection) for name, collection in result.items()}

@@ -1,11 +1,11 @@
-"""The run directory: resolved config, metrics (JSONL, TensorBoard), plots and status.
+"""The run directory: resolved config, metrics (JSONL, plus the ``report_to`` trackers), plots and status.
 
 Layout of ``RUN_DIR``::
 
     run.json             status (running / finished / failed), versions, times
     config.yaml          the resolved config (recipe + overrides + defaults)
     metrics.jsonl        one JSON object per outer step and per validation
-    tensorboard/         TensorBoard events (when tensorboard is installed)
+    tensorboard/         TensorBoard events (report_to=tensorboard; see :mod:`deltameta.reporting`)
     plots/*.png          training and validation curves, controller decisions
     checkpoints/step-*/  the last N training checkpoints (see :mod:`deltameta.meta.checkpoint`)
     best/                meta-state with the best held-out query loss after adaptation
@@ -99,18 +99,18 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Append-only metrics: ``metrics.jsonl`` plus TensorBoard scalars when available.
+    """Append-only metrics: ``metrics.jsonl``, each row also sent to the ``report_to`` trackers.
 
     On resume, rows after the resumed step are dropped first so the file matches an
     uninterrupted run.
 
     Args:
         run_dir: The run directory.
-        tensorboard: Also write TensorBoard events (if ``tensorboard`` is importable).
         truncate_after: Drop existing rows with ``step`` greater than this (resume).
+        reporter: The trackers (:class:`deltameta.reporting.Reporter`), or ``None`` for none.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, truncate_after: int | None = None) -> None:
+    def __init__(self, run_dir: Path, truncate_after: int | None = None, reporter: Any = None) -> None:
         self.path = run_dir / METRICS_FILE
         self.rows: list[dict[str, Any]] = []
         if self.path.is_file():
@@ -120,14 +120,7 @@ class MetricsLog:
                     if truncate_after is None or row.get("step", 0) <= truncate_after:
                         self.rows.append(row)
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # noqa: BLE001 - tensorboard not installed
-                self.writer = None
+        self.reporter = reporter
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row (``step`` and ``kind`` plus numbers)."""
@@ -135,19 +128,17 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(f"{row.get('kind', 'train')}/{key}", value, row.get("step", 0))
+        if self.reporter is not None:
+            self.reporter.log(row)
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         """Return the rows of one kind (``train`` or ``validation``)."""
         return [r for r in self.rows if r.get("kind") == kind]
 
     def close(self) -> None:
-        """Flush TensorBoard."""
-        if self.writer is not None:
-            self.writer.close()
+        """Flush and close the trackers."""
+        if self.reporter is not None:
+            self.reporter.close()
 
 
 def write_plots(run_dir: Path, rows: Iterable[dict[str, Any]]) -> list[Path]:

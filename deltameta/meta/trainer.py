@@ -6,7 +6,7 @@
 2. per outer step: sample a meta-batch of episodes, accumulate each task's meta-gradient
    (looped, or task-batched), add the controller's budget/entropy regularisers, skip the step
    if anything is non-finite (stopping after ``max_nonfinite`` in a row), clip, and step AdamW
-   (warmup + cosine) for the deltas and Adam for the controller (own lr, temperature schedule);
+   (warmup + cosine, :mod:`deltameta.schedule`) for the deltas and Adam for the controller (own lr, temperature schedule);
 3. periodically validate on held-out tasks (query loss before/after adaptation), keep the best
    meta-state, checkpoint atomically (last N);
 4. at the end write the final meta-state, the PEFT export, plots and the run status.
@@ -23,11 +23,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +38,7 @@ from deltameta.meta import distributed as D
 from deltameta.meta.algorithms import InnerLoop, MetaAlgorithm, TaskResult, _mean_results, evaluate_task, make_algorithm
 from deltameta.meta.config import MetaTrainConfig
 from deltameta.meta.run_dir import MetricsLog, write_config, write_plots, write_status
+from deltameta.schedule import make_scheduler
 from deltameta.tasks.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -71,19 +71,6 @@ class TrainResult:
     best_validation: float | None
     seconds: float
     export_error: str | None = None
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """Return the lr multiplier: linear warmup over ``warmup`` steps, then cosine to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        span = max(total - warmup, 1)
-        progress = min(max(step - warmup, 0) / span, 1.0)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def _memory_mb() -> float:
@@ -170,7 +157,7 @@ class MetaTrainer:
         if extra:
             groups.append({"params": extra, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=c.outer_lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(c.warmup_steps, c.outer_steps, c.min_lr_ratio))
+        self.scheduler = make_scheduler(self.optimizer, "cosine", c.warmup_steps, c.outer_steps, c.min_lr_ratio)
         self.controller_optimizer = (
             torch.optim.Adam(self.controller.parameters(), lr=c.controller_lr) if self.controller is not None else None
         )
@@ -184,8 +171,14 @@ class MetaTrainer:
         start_step = 0
         if self.resume:
             start_step = self._load_latest()
-        self.metrics = (MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None)
-                        if self.dist.is_main else D.NullMetricsLog())
+        if self.dist.is_main:
+            from deltameta.config import config_to_dict
+            from deltameta.reporting import Reporter
+
+            reporter = Reporter(c.report_to, self.run_dir, config_to_dict(c), "meta-train", resume=self.resume)
+            self.metrics = MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None, reporter=reporter)
+        else:
+            self.metrics = D.NullMetricsLog()
 
     def _encode(self, episode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         support = data.encode(self.tokenizer, episode.task, episode.support, self.config.max_length)

@@ -1,6 +1,7 @@
 """Reader of Hugging Face ``datasets``: a local json/jsonl/csv/parquet file or a hub id.
 
-A column mapping says which column holds each field: ``input`` and ``output`` (required),
+A column mapping says which column holds each field: ``input`` and ``output`` (required; ``target``
+is another name of ``output``),
 ``options`` (a list, or a string holding a JSON list; optional) and ``task`` (optional; without
 it, the whole dataset is one task named after the file or the dataset). Mapping values default
 to the field names. An ``output`` column of ``ClassLabel`` type becomes a multiple-choice task
@@ -20,6 +21,8 @@ from deltameta.tasks.task import DEFAULT_TEMPLATE, Example, PromptTemplate
 
 #: Fields a column mapping may name.
 COLUMN_FIELDS = ("input", "output", "options", "task")
+#: Other names of a field in a column mapping (``target`` is the :class:`Example` field of ``output``).
+COLUMN_ALIASES = {"target": "output"}
 #: File suffix -> ``datasets`` builder name.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
@@ -66,12 +69,75 @@ def load_hf_dataset(source: str, *, split: str = "train", config: str | None = N
         raise DataError(f"cannot load dataset '{source}': {_root_cause(error)}") from None
 
 
+def parse_columns(value: Any, key: str = "columns") -> dict[str, str]:
+    """Read a column mapping given as a mapping or as ``FIELD=COLUMN,...`` text.
+
+    The text may also be a YAML flow mapping (``{input: text, target: label}``), which is how a
+    mapping reaches a ``key=value`` override or ``tasks --columns``.
+
+    Args:
+        value: A mapping, or text.
+        key: The key it was given as (for messages).
+
+    Returns:
+        The mapping (field -> column; see :func:`normalize_columns` for the fields).
+
+    Raises:
+        ConfigError: not a mapping of names to column names.
+    """
+    example = f"{key}={{input: text, target: label}} or {key}=input=text,target=label"
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            import yaml
+
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}={text!r} is not a valid mapping; write {example}.") from None
+        else:
+            value = {}
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                field, sep, column = part.partition("=")
+                if not sep or not field.strip() or not column.strip():
+                    raise ConfigError(f"{key}: bad column mapping {part!r}; write {example}.")
+                value[field.strip()] = column.strip()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}={value!r}: expected a mapping of fields to column names, e.g. {example}.")
+    result = {}
+    for field, column in value.items():
+        if column is None and isinstance(field, str) and ":" in field:  # YAML read {input:text} as one key
+            raise ConfigError(f"{key}: {field!r} needs a space after the colon in a YAML mapping; write {example}.")
+        if not isinstance(column, (str, int)) or isinstance(column, bool) or not str(column).strip():
+            raise ConfigError(f"{key}: field '{field}' maps to {column!r}; expected a column name, e.g. {example}.")
+        result[str(field)] = str(column)
+    return result
+
+
+def normalize_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
+    """Check the keys of a column mapping and replace aliases (``target`` -> ``output``).
+
+    Raises:
+        ConfigError: a key that is not a field, or a field given under two names.
+    """
+    result: dict[str, str] = {}
+    valid = ", ".join(COLUMN_FIELDS + tuple(COLUMN_ALIASES))
+    for name, column in (columns or {}).items():
+        field = COLUMN_ALIASES.get(name, name)
+        if field not in COLUMN_FIELDS:
+            raise ConfigError(f"unknown column mapping key '{name}'; valid keys: {valid}.")
+        if field in result:
+            raise ConfigError(f"column mapping gives '{field}' twice (as '{field}' and its alias); give one of them.")
+        result[field] = column
+    return result
+
+
 def resolve_columns(columns: Mapping[str, str] | None, available: list[str], source: str) -> dict[str, str]:
     """Map field -> column, checking every named column exists.
 
     Args:
-        columns: User mapping (field -> column name); missing fields default to the field name
-            when such a column exists.
+        columns: User mapping (field -> column name, aliases allowed); missing fields default to
+            the column of the field's name (or an alias's) when there is one.
         available: Column names of the dataset.
         source: For messages.
 
@@ -82,16 +148,15 @@ def resolve_columns(columns: Mapping[str, str] | None, available: list[str], sou
         ConfigError: a key that is not a field.
         DataError: a column that does not exist (the available columns are listed).
     """
-    columns = dict(columns or {})
-    unknown = sorted(set(columns) - set(COLUMN_FIELDS))
-    if unknown:
-        raise ConfigError(f"unknown column mapping key(s) {unknown}; valid keys: {', '.join(COLUMN_FIELDS)}.")
+    columns = normalize_columns(columns)
     resolved = {}
     for field in COLUMN_FIELDS:
         name = columns.get(field)
         if name is None:
-            if field in available:
-                resolved[field] = field
+            defaults = [field] + [alias for alias, target in COLUMN_ALIASES.items() if target == field]
+            present = [column for column in defaults if column in available]
+            if present:
+                resolved[field] = present[0]
             elif field in ("input", "output"):
                 raise DataError(
                     f"'{source}': no column for '{field}'; map one with columns={{'{field}': NAME}}. "

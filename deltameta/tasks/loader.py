@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from deltameta.errors import DataError
+from deltameta.errors import ConfigError, DataError
 from deltameta.tasks.bigbench import bigbench_files, read_bigbench_file
 from deltameta.tasks.builtin import FAMILIES, SOURCE as BUILTIN, read_builtin
 from deltameta.tasks.collection import TaskCollection, as_names, split_collection
@@ -49,7 +49,11 @@ def read_source(
         ConfigError: unknown built-in family or bad column mapping key.
     """
     text = str(source)
+    columns = columns or None
     if text == BUILTIN or text.startswith(BUILTIN + ":"):
+        if columns is not None:
+            raise ConfigError(f"columns={dict(columns)} applies to jsonl, csv/parquet and Hugging Face datasets sources; "
+                              f"the built-in tasks ('{text}') have fixed fields. Drop columns or change tasks.")
         families = as_names(text.partition(":")[2]) or list(FAMILIES)
         return read_builtin(families, builtin_tasks_per_family, builtin_examples_per_task, seed)
     if text.startswith("hf:"):
@@ -63,6 +67,8 @@ def read_source(
         for file in _progress(files, f"reading {path.name}", show_progress):
             if file.suffix == ".json":
                 tasks.append(read_bigbench_file(file))
+            elif columns is not None:  # a jsonl of other field names, read through datasets
+                tasks.extend(read_hf(str(file), columns))
             else:
                 tasks.extend(read_jsonl(file))
         return tasks
@@ -117,8 +123,9 @@ def load_tasks(
         source: One source or a list of them (merged; task names must be unique).
         splits: A ``splits.json`` path, ratios like ``"train=0.8,dev=0.1,test=0.1"``, or a ratio
             dict; families are the split unit. ``None`` or ``""``: no split.
-        columns: Field -> column mapping for ``datasets`` sources (``input``, ``output``,
-            ``options``, ``task``).
+        columns: Field -> column mapping for ``datasets`` sources (``input``, ``output`` (or
+            ``target``), ``options``, ``task``); the ``*.jsonl`` files of a directory honour it too
+            (BIG-bench files keep their fixed fields); an error with built-in tasks.
         template: Prompt template replacing every task's own (see :meth:`PromptTemplate.parse`).
         builtin_tasks_per_family: Tasks generated per built-in family.
         builtin_examples_per_task: Examples per built-in task.
@@ -163,3 +170,25 @@ def load_tasks(
     if splits is None or splits == "":
         return collection
     return split_collection(collection, splits, seed)
+
+
+def data_options(config: Any, source: str | None = None) -> dict[str, Any]:
+    """The :func:`load_tasks` keywords a command's config sets (seed, built-in sizes, columns, template).
+
+    Args:
+        config: A ``meta-train``, ``finetune`` or ``evaluate`` config (``seed``, ``tasks``,
+            ``builtin_*``, ``columns``, ``template``).
+        source: The source read (default: ``config.tasks``).
+
+    Returns:
+        Keywords for :func:`load_tasks` (``columns``/``template`` only when set).
+    """
+    kwargs: dict[str, Any] = {"seed": config.seed}
+    if str(config.tasks if source is None else source).startswith(BUILTIN):
+        kwargs.update(builtin_tasks_per_family=config.builtin_tasks_per_family,
+                      builtin_examples_per_task=config.builtin_examples_per_task)
+    if getattr(config, "columns", None):
+        kwargs["columns"] = dict(config.columns)
+    if getattr(config, "template", None):
+        kwargs["template"] = config.template
+    return kwargs
