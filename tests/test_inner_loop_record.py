@@ -211,3 +211,57 @@ def test_rates_of_any_broadcastable_shape_map_to_peft_and_bad_files_fail_clearly
         read_export_record(tmp_path)
     with pytest.raises(MetaStateError, match="field 'steps'"):
         InnerLoopRecord.from_dict({"schema": 1, "algorithm": "fomaml", "steps": "two"})
+
+
+@pytest.mark.parametrize("run", ["metasgd-task-controller", "fomaml-tarp"])
+def test_finetune_trains_tarp_in_its_own_parameters_after_the_recorded_inner_loop(tmp_path, run, metasgd_run,
+                                                                                  meta_adapter_runs):
+    """finetune from a TARP meta-adapter: recorded inner loop first, then A, B, Σ map trained, exported exactly."""
+    from safetensors.torch import load_file
+
+    from deltameta.deltas import load_meta_adapter
+    from deltameta.deltas.rebuild import rebuild_delta_model
+    from deltameta.finetune import FinetuneConfig, run_finetune
+
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(json.dumps({"input": f"{i} + {i}", "output": str(2 * i)}) for i in range(20)) + "\n")
+    controlled = run.startswith("metasgd")
+    run_dir = metasgd_run if controlled else meta_adapter_runs["meta"]
+    values = dict(TINY, adapter=str(run_dir), tasks=str(data), steps=3, lr=1e-2, max_length=48, eval_every=0,
+                  eval_accuracy=False, output_dir=str(tmp_path / "ft"))
+    run_finetune(build_config(FinetuneConfig, overrides=values))
+    result = json.loads((tmp_path / "ft" / "run.json").read_text())
+    inner = result["inner_loop_first"]
+    assert inner["inner_steps"] == 2 and inner["examples"] == 2 and len(inner["support_losses"]) == 2
+    assert inner["lr"] == ("learned" if controlled else 0.05)
+    assert result["trained"].startswith("delta model")
+    last = tmp_path / "ft" / "last"
+    meta = _strict_json(last / "deltameta.json")
+    assert meta["inner_loop"]["algorithm"] == ("metasgd" if controlled else "fomaml")
+    start = load_file(str(run_dir / "peft" / "deltameta_deltas.safetensors"))
+    trained = load_file(str(last / "deltameta_deltas.safetensors"))
+    moved = {n for n in trained if not torch.equal(trained[n], start[n])}
+    if controlled:
+        assert isinstance(result["structure"], dict) and meta["decisions"] == result["structure"]
+        assert meta["structure_source"] == "the support examples of the fine-tuning data"
+        chosen = {f"{layer}.{kind}.{op}" for layer, op in result["structure"].items() if op != "skip"
+                  for kind in ("lora_A", "lora_B", "tarp_sigma")}
+        assert moved and moved <= chosen, "only the tensors of the chosen structure train"
+    else:
+        sigmas = {n for n in trained if ".tarp_sigma." in n}
+        assert sigmas and sigmas <= moved, "the TARP Σ map was not trained"
+    # the saved export is exact: the rebuilt delta model = load_meta_adapter (static fold + sidecar)
+    from deltameta.base import load_base
+
+    ids = torch.randint(0, 250, (1, 9), generator=torch.Generator().manual_seed(3))
+    rebuilt = rebuild_delta_model(load_base("tiny-random-llama", "none", device="cpu")[0], peft_dir=last)
+    structure = (rebuilt.controller.apply(rebuilt.model, rebuilt.controller.decision_weights(list(result["structure"].values())))
+                 if controlled else contextlib.nullcontext())
+    with torch.no_grad(), structure:
+        exact = rebuilt.model(input_ids=ids).logits
+    with torch.no_grad():
+        loaded = load_meta_adapter(load_base("tiny-random-llama", "none", device="cpu")[0], last)(input_ids=ids).logits
+    assert torch.allclose(exact, loaded, atol=1e-5)
+    # inner_loop_first=false: no recorded inner loop
+    run_finetune(build_config(FinetuneConfig, overrides=dict(values, inner_loop_first=False, output_dir=str(tmp_path / "ft2"))))
+    assert json.loads((tmp_path / "ft2" / "run.json").read_text())["inner_loop_first"] is None

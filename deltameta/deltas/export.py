@@ -165,6 +165,8 @@ def export_peft(
     fold_inputs: Sequence[str] | None = None,
     device: str | None = "cpu",
     max_length: int = 512,
+    built: tuple[nn.Module, Any, Any] | None = None,
+    structure_embedding: torch.Tensor | None = None,
 ) -> ExportResult:
     """Export a meta-trained run (or meta-state) as a PEFT LoRA adapter directory.
 
@@ -177,6 +179,10 @@ def export_peft(
         fold_inputs: Texts to fold TARP on (overrides ``task_examples`` for the fold).
         device: Device to build the model on.
         max_length: Token limit per example.
+        built: ``(model, tokenizer, controller)`` already holding the deltas (e.g. the delta model
+            ``finetune`` trained); default: built from the meta-state.
+        structure_embedding: Task embedding a task-conditioned controller chooses the structure
+            from (overrides ``task_examples`` for the structure).
 
     Returns:
         An :class:`ExportResult`.
@@ -190,7 +196,7 @@ def export_peft(
 
     state = source if isinstance(source, MetaState) else load_meta_state(source)
     examples = load_task_examples(task_examples) if task_examples is not None else None
-    model, tokenizer, controller = build_from_meta_state(state, device=device)
+    model, tokenizer, controller = built if built is not None else build_from_meta_state(state, device=device)
     model_device = _device_of(model)
     layers = delta_layers(model)
     config = state.delta_config
@@ -201,7 +207,10 @@ def export_peft(
     if controller is not None:
         emb = None
         if controller.mode == "task":
-            if examples:
+            if structure_embedding is not None:
+                emb = structure_embedding.to(model_device)
+                embedding_source = "the support examples of the fine-tuning data"
+            elif examples:
                 emb = task_embedding(model, *_encode(tokenizer, examples, model_device, max_length))
                 embedding_source = "the given task examples"
             elif state.task_embedding_mean is not None:
