@@ -53,7 +53,7 @@ class EvaluateConfig(BaseModelKeys):
 
     # adaptation (the same inner loop for every method that trains; null = the meta-adapter's recorded one)
     steps: list[int] = field([0, 5, 10], "score the query set after these numbers of adaptation steps "
-                             "(the meta-adapter's trained inner step count is always added)")
+                             "(the meta-adapter's trained inner step count is always added, unless steps=[0])")
     optimizer: Literal["sgd", "adam", "adamw"] | None = field(
         None, "adaptation optimizer; null = the meta-adapter's recorded inner optimizer (sgd without a record); "
         "adamw = adam (no weight decay)")
