@@ -78,7 +78,7 @@ def test_evaluate_all_methods_on_the_same_episodes(tmp_path, meta_adapter_runs):
 
 
 def test_one_base_serves_every_method_exactly(tmp_path, meta_adapter_runs):
-    """Static meta = plain PEFT, meta-dynamic = load_meta_adapter; weights are restored per episode."""
+    """Static meta = plain PEFT, meta-dynamic = the delta model = load_meta_adapter; weights are restored per episode."""
     from peft import PeftModel
 
     from deltameta.deltas import load_meta_adapter
@@ -93,6 +93,9 @@ def test_one_base_serves_every_method_exactly(tmp_path, meta_adapter_runs):
     def logits(method):
         from deltameta.finetune import common
 
+        if method == "meta-dynamic":  # deltameta's delta model on the shared frozen base
+            with torch.no_grad():
+                return evaluator.delta.model(input_ids=ids).logits
         evaluator.current = method
         common.activate(model, {"meta": "meta", "meta-dynamic": "meta"}[method])
         try:
@@ -114,7 +117,10 @@ def test_one_base_serves_every_method_exactly(tmp_path, meta_adapter_runs):
     evaluator.run_method("fresh-lora", episode)
     evaluator.run_method("meta-dynamic", evaluator.episodes_of(evaluator.tasks[1])[1])
     again = evaluator.run_method("meta", episode)
+    dynamic_again = evaluator.run_method("meta-dynamic", evaluator.episodes_of(evaluator.tasks[1])[1])
     assert first["accuracy"] == again["accuracy"]
+    assert torch.allclose(logits("meta-dynamic"), dynamic(input_ids=ids).logits, atol=1e-5), "delta model not restored"
+    assert dynamic_again["query_loss"] == evaluator.run_method("meta-dynamic", evaluator.episodes_of(evaluator.tasks[1])[1])["query_loss"]
     assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(first["support_loss"].values(), again["support_loss"].values()))
     with torch.no_grad():
         assert torch.allclose(logits("meta"), reference(input_ids=ids).logits, atol=1e-5), "meta weights not restored"

@@ -12,6 +12,12 @@ PEFT's ``PeftType`` enum is closed, so the export is plain ``LORA``:
   ``deltameta_tarp.json``), which :func:`load_meta_adapter` re-attaches on top of ``PeftModel``.
 * The multiplicative (IA3-like) term is not expressible in LoRA: it is kept in the sidecar only
   (a warning says so).
+* ``deltameta.json`` records the inner loop the adapter was meta-trained for (see
+  :mod:`deltameta.deltas.inner_loop`), the delta config and the chosen structure; beside it
+  ``deltameta_inner_lrs.safetensors`` (Meta-SGD's learned rates), ``deltameta_deltas.safetensors``
+  (every delta tensor, to rebuild the delta model, see :mod:`deltameta.deltas.rebuild`) and
+  ``deltameta_controller.safetensors`` (the controller, for a per-task structure) make the export
+  self-contained. Exports without ``deltameta.json`` (older ones) still load.
 
 The adapter is never merged into the base (merging into a 4-bit base would requantize and destroy
 a small delta).
@@ -34,6 +40,7 @@ from torch import nn
 
 from deltameta.atomic import atomic_directory
 from deltameta.deltas.config import parse_op
+from deltameta.deltas.inner_loop import EXPORT_RATES_FILE, save_rates
 from deltameta.deltas.model import collect_sigma_means, delta_layers, task_embedding
 from deltameta.deltas.state import MetaState, build_from_meta_state, load_meta_state
 from deltameta.errors import DataError, DeltametaError, ModelLoadError
@@ -42,6 +49,14 @@ logger = logging.getLogger(__name__)
 
 SIDECAR = "deltameta_tarp.safetensors"
 SIDECAR_META = "deltameta_tarp.json"
+#: What the adapter is (schema-versioned strict JSON): inner loop, delta config, structure, files.
+EXPORT_META = "deltameta.json"
+#: Version of ``deltameta.json``.
+EXPORT_SCHEMA = 1
+#: Every delta tensor of the meta-state (all candidate ops), to rebuild the delta model exactly.
+DELTAS_FILE = "deltameta_deltas.safetensors"
+#: The architecture controller's weights (+ its metadata in ``deltameta.json["controller"]``).
+CONTROLLER_FILE = "deltameta_controller.safetensors"
 #: Fold input used when neither task examples nor stored fold statistics exist.
 DEFAULT_FOLD_TEXT = "The quick brown fox jumps over the lazy dog. Question: what is 2 + 3? Answer: 5."
 
@@ -150,6 +165,8 @@ def export_peft(
     fold_inputs: Sequence[str] | None = None,
     device: str | None = "cpu",
     max_length: int = 512,
+    built: tuple[nn.Module, Any, Any] | None = None,
+    structure_embedding: torch.Tensor | None = None,
 ) -> ExportResult:
     """Export a meta-trained run (or meta-state) as a PEFT LoRA adapter directory.
 
@@ -162,6 +179,10 @@ def export_peft(
         fold_inputs: Texts to fold TARP on (overrides ``task_examples`` for the fold).
         device: Device to build the model on.
         max_length: Token limit per example.
+        built: ``(model, tokenizer, controller)`` already holding the deltas (e.g. the delta model
+            ``finetune`` trained); default: built from the meta-state.
+        structure_embedding: Task embedding a task-conditioned controller chooses the structure
+            from (overrides ``task_examples`` for the structure).
 
     Returns:
         An :class:`ExportResult`.
@@ -175,7 +196,7 @@ def export_peft(
 
     state = source if isinstance(source, MetaState) else load_meta_state(source)
     examples = load_task_examples(task_examples) if task_examples is not None else None
-    model, tokenizer, controller = build_from_meta_state(state, device=device)
+    model, tokenizer, controller = built if built is not None else build_from_meta_state(state, device=device)
     model_device = _device_of(model)
     layers = delta_layers(model)
     config = state.delta_config
@@ -186,7 +207,10 @@ def export_peft(
     if controller is not None:
         emb = None
         if controller.mode == "task":
-            if examples:
+            if structure_embedding is not None:
+                emb = structure_embedding.to(model_device)
+                embedding_source = "the support examples of the fine-tuning data"
+            elif examples:
                 emb = task_embedding(model, *_encode(tokenizer, examples, model_device, max_length))
                 embedding_source = "the given task examples"
             elif state.task_embedding_mean is not None:
@@ -307,10 +331,39 @@ def export_peft(
             (tmp / "controller_decisions.txt").write_text(table, encoding="utf-8")
             controller.decision_heatmap(tmp / "controller_decisions.png", list(decisions.values()), probs,
                                         title=f"controller decisions ({controller.mode})")
+        record = _export_record(state, decisions, fold_source, embedding_source, controller)
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.deltas.items()},
+                  str(tmp / DELTAS_FILE))
+        if state.inner_lrs:
+            save_rates(tmp / EXPORT_RATES_FILE, state.inner_lrs)
+            record["files"]["inner_lrs"] = EXPORT_RATES_FILE
+        if controller is not None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in controller.state_dict().items()},
+                      str(tmp / CONTROLLER_FILE))
+            record["files"]["controller"] = CONTROLLER_FILE
+        if sidecar:
+            record["files"]["sidecar"] = SIDECAR
+        (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         card = _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, bool(sidecar))
         (tmp / "README.md").write_text(card, encoding="utf-8")
     logger.info("exported %d sublayers to %s", len(kept), out_dir)
     return ExportResult(path=out_dir, decisions=decisions, sigma_bars=sigma_bars, fold_source=fold_source)
+
+
+def _export_record(state: MetaState, decisions: dict[str, str], fold_source: str, embedding_source: str | None,
+                   controller: Any) -> dict[str, Any]:
+    """The content of ``deltameta.json`` (strict JSON)."""
+    return {
+        "schema": EXPORT_SCHEMA,
+        "inner_loop": state.inner_loop.to_dict() if state.inner_loop is not None else None,
+        "delta_config": json.loads(state.delta_config.to_json()),
+        "base": {k: v for k, v in state.base.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        "decisions": dict(decisions),
+        "structure_source": embedding_source,
+        "fold_source": fold_source,
+        "controller": controller.metadata() if controller is not None else None,
+        "files": {"deltas": DELTAS_FILE},
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -357,6 +410,11 @@ def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_sou
     ]
     if embedding_source:
         lines.append(f"- structure chosen from: {embedding_source}")
+    record = state.inner_loop
+    lines.append("- meta-trained inner loop (evaluate/finetune adapt with it by default): "
+                 + (record.describe() if record is not None else "_not recorded_")
+                 + (f"; learned rates in `{EXPORT_RATES_FILE}`" if state.inner_lrs else "")
+                 + f"; full record in `{EXPORT_META}`")
     if has_sidecar:
         lines.append(
             f"- exact dynamic part (TARP Σ(x) and/or multiplicative term) in `{SIDECAR}`: load with "

@@ -8,7 +8,9 @@ A meta-state directory holds
 * ``fold_stats.safetensors``: TARP fold statistics (optional): ``"<layer>::<op>"`` -> mean of
   ``Σ(x) - I`` over meta-training tokens, and ``"__task_embedding__"`` -> mean task embedding;
 * ``base.json``: ``model.deltameta_base.to_dict()``;
-* ``meta_state.json``: free-form extras (recipe, metrics, task distribution, ...).
+* ``meta_state.json``: extras (recipe, metrics, task distribution, ...) and ``inner_loop``: the
+  recorded inner loop (see :mod:`deltameta.deltas.inner_loop`);
+* ``inner_lrs.safetensors``: Meta-SGD's learned inner rates (optional), by delta name.
 
 A meta-training run directory holds its finished meta-state in ``RUN_DIR/final/``.
 """
@@ -26,6 +28,7 @@ from torch import nn
 
 from deltameta.atomic import atomic_directory
 from deltameta.deltas.config import DeltaConfig
+from deltameta.deltas.inner_loop import STATE_RATES_FILE, InnerLoopRecord, load_rates, record_from_config, save_rates
 from deltameta.deltas.model import delta_parameters, inject_deltas
 from deltameta.errors import MetaStateError
 
@@ -47,6 +50,9 @@ class MetaState:
         controller_meta: ``controller.json`` (see ``ArchController.metadata``), or ``None``.
         fold_stats: ``{layer: {op: mean Σ - I}}`` or ``None``.
         task_embedding_mean: Mean task embedding over meta-training, or ``None``.
+        inner_loop: The recorded inner loop (older meta-states: derived from the saved config;
+            ``None`` when neither exists).
+        inner_lrs: Meta-SGD's learned inner rates by delta name, or ``None``.
     """
 
     path: Path
@@ -58,6 +64,8 @@ class MetaState:
     controller_meta: dict[str, Any] | None = None
     fold_stats: dict[str, dict[str, torch.Tensor]] | None = None
     task_embedding_mean: torch.Tensor | None = None
+    inner_loop: InnerLoopRecord | None = None
+    inner_lrs: dict[str, torch.Tensor] | None = None
 
 
 def save_meta_state(
@@ -68,6 +76,8 @@ def save_meta_state(
     extra: dict[str, Any] | None = None,
     fold_stats: dict[str, dict[str, torch.Tensor]] | None = None,
     task_embedding_mean: torch.Tensor | None = None,
+    inner_loop: InnerLoopRecord | None = None,
+    inner_lrs: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a meta-state atomically (a reader sees the old directory or the complete new one).
 
@@ -79,6 +89,8 @@ def save_meta_state(
         extra: JSON-serialisable extras (recipe, metrics, task distribution, ...).
         fold_stats: ``{layer: {op: mean of Σ(x) - I}}`` over meta-training tokens (TARP fold point).
         task_embedding_mean: Mean task embedding (export's default input to a task controller).
+        inner_loop: The inner loop the deltas were meta-trained for (``meta_state.json["inner_loop"]``).
+        inner_lrs: Learned inner rates by delta name (Meta-SGD), written to ``inner_lrs.safetensors``.
 
     Returns:
         The directory.
@@ -91,11 +103,16 @@ def save_meta_state(
         raise MetaStateError("save_meta_state: the model has no deltameta_base; load it with deltameta.base.load_base.")
     directory = Path(directory)
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in delta_parameters(model).items()}
+    extra = dict(extra or {})
+    if inner_loop is not None:
+        extra["inner_loop"] = inner_loop.to_dict()
     with atomic_directory(directory) as tmp:
         (tmp / "delta_config.json").write_text(config.to_json(), encoding="utf-8")
         save_file(tensors, str(tmp / "deltas.safetensors"))
         (tmp / "base.json").write_text(json.dumps(base.to_dict(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "meta_state.json").write_text(json.dumps(extra or {}, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "meta_state.json").write_text(json.dumps(extra, indent=2, default=str) + "\n", encoding="utf-8")
+        if inner_lrs:
+            save_rates(tmp / STATE_RATES_FILE, inner_lrs)
         if controller is not None:
             state = {k: v.detach().to("cpu").contiguous() for k, v in controller.state_dict().items()}
             save_file(state, str(tmp / "controller.safetensors"))
@@ -168,6 +185,12 @@ def load_meta_state(directory: str | Path) -> MetaState:
             layer, _, op = key.partition("::")
             stats.setdefault(layer, {})[op] = value
         state.fold_stats = stats or None
+    if isinstance(state.extra.get("inner_loop"), dict):
+        state.inner_loop = InnerLoopRecord.from_dict(state.extra["inner_loop"], f"{path / 'meta_state.json'}: inner_loop")
+    elif isinstance(state.extra.get("config"), dict) and "inner_steps" in state.extra["config"]:
+        state.inner_loop = record_from_config(state.extra["config"])  # a meta-state older than the record
+    if (path / STATE_RATES_FILE).is_file():
+        state.inner_lrs = load_rates(path / STATE_RATES_FILE)
     return state
 
 

@@ -54,11 +54,18 @@ class EvaluateConfig(BaseModelKeys):
     max_length: int = field(256, "maximum tokens per example")
     icl_max_length: int = field(0, "maximum tokens of an ICL prompt with k demonstrations (0: max_length * (shots + 1))")
 
-    # adaptation (the same for every method that trains)
-    steps: list[int] = field([0, 5, 10], "score the query set after these numbers of adaptation steps")
-    optimizer: Literal["sgd", "adamw"] = field("sgd", "adaptation optimizer (sgd = meta-train's inner loop)")
-    inner_lr: float = field(0.05, "adaptation learning rate")
-    inner_clip: float = field(1.0, "adaptation gradient norm clipping (0: off)")
+    # adaptation (the same inner loop for every method that trains; null = the meta-adapter's recorded one)
+    steps: list[int] = field([0, 5, 10], "score the query set after these numbers of adaptation steps "
+                             "(the meta-adapter's trained inner step count is always added, unless steps=[0])")
+    optimizer: Literal["sgd", "adam", "adamw"] | None = field(
+        None, "adaptation optimizer; null = the meta-adapter's recorded inner optimizer (sgd without a record); "
+        "adamw = adam (no weight decay)")
+    inner_lr: float | None = field(
+        None, "adaptation learning rate; null = the meta-adapter's recorded inner lr, with Meta-SGD's learned rates "
+        "for meta and meta-dynamic (0.05 without a record); a number overrides it for every method")
+    inner_clip: float | None = field(
+        None, "adaptation gradient norm clipping; null = the meta-adapter's recorded inner clip (1.0 without a "
+        "record); 0: off")
     rank: int = field(0, "fresh-lora rank (0: the meta-adapter's, else 8)")
     alpha: float = field(0.0, "fresh-lora alpha (0: the meta-adapter's, else 16)")
     target_modules: list[str] = field([], "fresh-lora sublayers (default: the meta-adapter's, else q,v,o,up,down)")
@@ -98,10 +105,10 @@ class EvaluateConfig(BaseModelKeys):
         self.steps = sorted(set(self.steps))
         if self.shots == 0 and max(self.steps) > 0:
             raise ConfigError(f"shots=0 leaves nothing to adapt on, but steps={self.steps}; use steps=[0] or shots >= 1.")
-        if self.inner_lr <= 0:
-            raise ConfigError(f"inner_lr={self.inner_lr}: expected a positive number.")
-        if self.inner_clip < 0 or self.alpha < 0:
-            raise ConfigError("inner_clip and alpha must be >= 0.")
+        if self.inner_lr is not None and self.inner_lr <= 0:
+            raise ConfigError(f"inner_lr={self.inner_lr}: expected a positive number, or null for the meta-adapter's.")
+        if (self.inner_clip is not None and self.inner_clip < 0) or self.alpha < 0:
+            raise ConfigError("inner_clip and alpha must be >= 0 (inner_clip: null for the meta-adapter's).")
         if self.adapter and self.meta_adapter and self.adapter != self.meta_adapter:
             raise ConfigError(f"adapter='{self.adapter}' and meta_adapter='{self.meta_adapter}' disagree; give one of them.")
         for key in self.adapters:

@@ -1,10 +1,20 @@
 """Few-shot evaluation of every method on the same episodes of held-out tasks.
 
-One frozen base is loaded once. Every adapter (a fresh LoRA, the multitask baseline, the
-meta-adapter) is attached to one ``PeftModel`` under its own name; before each episode the active
-adapter's weights are restored from a saved copy and a fresh optimizer is built, so no method ever
-sees another episode's updates and the base is never reloaded. ``meta-dynamic`` is the ``meta``
-adapter plus TARP's sidecar hooks (gated on, only while that method runs).
+One frozen base is loaded once. Every PEFT adapter (a fresh LoRA, the multitask baseline, the
+meta-adapter's static export ``meta``) is attached to one ``PeftModel`` under its own name.
+``meta-dynamic`` is the meta-adapter in its own parameters: deltameta's delta model (real
+``DeltaLinear`` modules with LoRA ``A``/``B``, TARP's ``Σ`` map and multiplicative term) rebuilt
+from the export (:func:`deltameta.deltas.rebuild.rebuild_delta_model`) on a structural copy of
+the same base that shares its frozen weights. With a task-conditioned controller, meta-dynamic
+chooses the structure of each episode from its support set, as meta-training does.
+
+Every training method adapts through the one adaptation function,
+:func:`deltameta.meta.functional.adapt`, starting from a copy of the method's initial tensors (so
+no method sees another episode's updates), with the inner loop the meta-adapter was meta-trained
+for (its ``deltameta.json``: optimizer, learning rate(s) including Meta-SGD's learned ones, clip)
+unless ``optimizer``/``inner_lr``/``inner_clip`` override it; ``steps`` always includes the trained
+inner step count. ``results.json`` records what each method used (``methods.<m>.inner_loop``) and
+flags a mismatch with the recorded inner loop (also a warning in ``results.md``).
 
 For each task, ``episodes`` episodes are drawn once (seeded by ``seed`` and the task name) and
 every method runs on exactly those episodes, in the order task -> episode -> method. Each training
@@ -29,8 +39,7 @@ from deltameta.errors import ConfigError, DataError
 from deltameta.evaluate.config import ADAPTER_OF, METHODS, TRAINING_METHODS, EvaluateConfig
 from deltameta.evaluate.report import markdown_table, summarize, write_plots
 from deltameta.finetune import common
-from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, resolve_adapter
-from deltameta.finetune.trainer import make_optimizer
+from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, recorded_inner_loop, resolve_adapter
 from deltameta.output_dir import prepare_output_dir
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,8 @@ TABLE_FILE = "results.md"
 RUN_MARKERS = (RESULTS_FILE, TABLE_FILE, "run.json", "config.yaml")
 #: PEFT adapter names of the methods (no dots or dashes).
 PEFT_NAME = {"fresh-lora": "fresh_lora", "multitask": "multitask", "meta": "meta", "meta-dynamic": "meta"}
+#: The adaptation used without a recorded inner loop (and without overrides).
+DEFAULT_INNER = {"optimizer": "sgd", "lr": 0.05, "clip": 1.0}
 
 
 def _episode_record(episode: Any) -> dict[str, Any]:
@@ -86,13 +97,26 @@ class Evaluator:
             check_base_matches(source, base, f"{kind} adapter")
             self.sources[kind] = source
         self._check_algorithms()
-        if "meta-dynamic" in self.methods and not self.sources["meta"].has_sidecar:
-            self.warnings.append("the meta-adapter has no TARP sidecar (a LoRA meta-adapter): meta-dynamic equals meta.")
+        self.record, self.rates = (recorded_inner_loop(self.sources["meta"]) if "meta" in self.sources else (None, None))
+        if self.record is not None and self.record.steps not in c.steps and max(c.steps) > 0:
+            c.steps = sorted(set(c.steps) | {self.record.steps})
+            logger.info("steps=%s: added the meta-adapter's trained inner step count %d", c.steps, self.record.steps)
+        self.delta = None
+        self.initial: dict[str, dict[str, torch.Tensor]] = {}
+        if "meta-dynamic" in self.methods:  # before PEFT wraps the base: the delta model shares its weights
+            from deltameta.deltas.rebuild import rebuild_delta_model
+
+            meta = self.sources["meta"]
+            self.delta = rebuild_delta_model(base, peft_dir=meta.peft_dir, meta_state=meta.meta_state)
+            self.delta.model.eval()
+            self.initial["meta-dynamic"] = {n: p.detach().clone() for n, p in self.delta.params.items()}
+            if self.record is None and self.delta.inner_loop is not None:
+                self.record, self.rates = self.delta.inner_loop, self.delta.inner_lrs
         self.current: str | None = None
         self.model = base
-        self.initial: dict[str, dict[str, torch.Tensor]] = {}
         self.hooks: list = []
         self._attach_adapters()
+        self.inner_loops = {m: self._inner_loop(m) for m in self.methods if m in TRAINING_METHODS}
 
     # ------------------------------------------------------------------------------ setup
 
@@ -202,10 +226,6 @@ class Evaluator:
         for method in names:
             params = common.adapter_parameters(self.model, PEFT_NAME[method])
             self.initial[PEFT_NAME[method]] = {n: p.detach().clone() for n, p in params.items()}
-        if "meta-dynamic" in self.methods and self.sources["meta"].has_sidecar:
-            from deltameta.finetune.dynamic import attach_dynamic
-
-            self.hooks = attach_dynamic(self.model, self.sources["meta"].peft_dir, gate=lambda: self.current == "meta-dynamic")
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -237,8 +257,14 @@ class Evaluator:
         with torch.no_grad():
             return float(common.batch_loss(self.model, batch, self.device, self.autocast))
 
-    def _restore(self, name: str) -> None:
-        """Put adapter ``name`` back to its loaded (or initial) weights; freeze everything."""
+    def _restore(self, method: str) -> None:
+        """Put ``method``'s tensors back to their loaded (or initial) values; freeze the PEFT model."""
+        if method == "meta-dynamic":
+            with torch.no_grad():
+                for n, p in self.delta.params.items():
+                    p.copy_(self.initial[method][n])
+            return
+        name = PEFT_NAME.get(method, method)
         params = common.adapter_parameters(self.model, name)
         with torch.no_grad():
             for n, p in params.items():
@@ -267,35 +293,124 @@ class Evaluator:
                     result["support_loss"][str(s)] = None
                 result["passes"] = 0
                 return result
-            name = PEFT_NAME[method]
-            self._restore(name)
-            params = common.activate(self.model, name)
-            optimizer = make_optimizer(list(params.values()), c.optimizer, c.inner_lr)
-            support = encode_examples(self.tokenizer, episode.support, episode.task.template, c.max_length) if episode.support else None
-            passes = 0
-            for step in range(max(steps) + 1):
-                if step in steps:
-                    scores = self._score(episode, in_context=False)
-                    result["accuracy"][str(step)] = scores["accuracy"]
-                    result["accuracy_norm"][str(step)] = scores["accuracy_norm"]
-                    result["support_loss"][str(step)] = self._support_loss(support) if support is not None else None
-                if step == max(steps):
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss = common.batch_loss(self.model, support, self.device, self.autocast)
-                loss.backward()
-                passes += 1
-                if c.inner_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), c.inner_clip)
-                if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params.values()):
-                    optimizer.step()
-            result["passes"] = passes
-            return result
+            return self._adapt_and_score(method, episode, result)
         finally:
             self.current = None
             if method in TRAINING_METHODS:
-                self._restore(PEFT_NAME[method])
+                self._restore(method)
             result["seconds"] = time.perf_counter() - started
+
+    def _adapt_and_score(self, method: str, episode: Any, result: dict[str, Any]) -> dict[str, Any]:
+        """Adapt ``method``'s tensors on the support set with :func:`functional.adapt`; score the chosen steps."""
+        from deltameta.meta import functional as F
+        from deltameta.tasks import encode_examples
+
+        c = self.config
+        steps = c.steps
+        inner = self.inner_loops[method]
+        if method == "meta-dynamic":
+            model, live, controller = self.delta.model, self.delta.params, self.delta.controller
+        else:
+            model, live, controller = self.model, common.activate(self.model, PEFT_NAME[method]), None
+        start = F.detached(self.initial[method if method == "meta-dynamic" else PEFT_NAME[method]])
+        encode = lambda examples: {k: v.to(self.device) for k, v in  # noqa: E731
+                                   encode_examples(self.tokenizer, list(examples), episode.task.template, c.max_length).items()
+                                   if k in ("input_ids", "attention_mask", "labels")}
+        support = encode(episode.support) if episode.support else None
+        query = encode(episode.query)
+        loss_fn = F.lm_loss_fn(model, use_cache=False)
+        lr = self._rates_for(method, live, inner)
+        result["query_loss"] = {}
+        scoring_model = self.model
+
+        def on_step(k: int, current: dict[str, torch.Tensor]) -> None:
+            if k not in steps:
+                return
+            with torch.no_grad():
+                for n, p in live.items():
+                    p.copy_(current[n].detach())
+                self.model = model  # _score and _support_loss use self.model
+                try:
+                    scores = self._score(episode, in_context=False)
+                    result["support_loss"][str(k)] = (float(loss_fn(current, support)) if support is not None else None)
+                    result["query_loss"][str(k)] = float(loss_fn(current, query))
+                finally:
+                    self.model = scoring_model
+            result["accuracy"][str(k)] = scores["accuracy"]
+            result["accuracy_norm"][str(k)] = scores["accuracy_norm"]
+
+        structure = contextlib.nullcontext()
+        if controller is not None:
+            from deltameta.deltas import task_embedding
+
+            emb = None
+            if controller.mode == "task":
+                emb = task_embedding(model, support["input_ids"], support["attention_mask"]) if support is not None else None
+            decisions = controller.decide(emb)
+            result["structure"] = dict(zip(controller.candidates, decisions))
+            structure = controller.apply(model, controller.decision_weights(decisions).to(self.device))
+        with structure, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if support is None or max(steps) == 0:
+                on_step(0, start)
+            else:
+                F.adapt(start, support, loss_fn, steps=max(steps), lr=lr, first_order=True, clip=inner["clip"] or None,
+                        on_step=on_step, **self._optimizer_kwargs(inner))
+        result["passes"] = max(steps) if support is not None else 0
+        return result
+
+    def _rates_for(self, method: str, live: dict[str, torch.Tensor], inner: dict[str, Any]):
+        """The learning rate(s) of ``method``: one number, or the learned rates keyed like ``live``."""
+        if not inner.get("learned_rates"):
+            return float(inner["lr"])
+        if method == "meta-dynamic":
+            return {n: (self.rates[n].to(p.device, p.dtype) if n in self.rates else torch.tensor(float(inner["lr"])))
+                    for n, p in live.items()}
+        from deltameta.deltas.inner_loop import rates_for_peft
+
+        return rates_for_peft(self.rates, live, PEFT_NAME[method], float(inner["lr"]))
+
+    @staticmethod
+    def _optimizer_kwargs(inner: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"optimizer": inner["optimizer"]}
+        if inner["optimizer"] == "adam":
+            out.update(betas=tuple(inner["betas"]), eps=float(inner["eps"]))
+        return out
+
+    def _inner_loop(self, method: str) -> dict[str, Any]:
+        """The inner loop ``method`` adapts with, and where it differs from the meta-adapter's record."""
+        c, record = self.config, self.record
+        optimizer = c.optimizer or (record.optimizer if record is not None else DEFAULT_INNER["optimizer"])
+        optimizer = "adam" if optimizer == "adamw" else optimizer
+        lr = c.inner_lr if c.inner_lr is not None else (record.lr if record is not None else DEFAULT_INNER["lr"])
+        clip = c.inner_clip if c.inner_clip is not None else (
+            (record.clip or 0.0) if record is not None else DEFAULT_INNER["clip"])
+        learned = bool(method in ("meta", "meta-dynamic") and c.inner_lr is None and self.rates)
+        used: dict[str, Any] = {"optimizer": optimizer, "lr": lr, "learned_rates": learned, "clip": clip,
+                                "steps": list(c.steps), "first_order": True,
+                                "parameters": ("delta model: LoRA A/B, TARP Σ map, multiplicative term"
+                                               if method == "meta-dynamic" else "PEFT LoRA A/B"),
+                                "source": "recorded" if record is not None else "defaults (no recorded inner loop)"}
+        if optimizer == "adam":
+            used["betas"] = list(record.betas) if record is not None and record.betas else [0.9, 0.999]
+            used["eps"] = record.eps if record is not None and record.eps is not None else 1e-8
+        mismatch: list[str] = []
+        if record is not None and method in ("meta", "meta-dynamic"):
+            if optimizer != record.optimizer:
+                mismatch.append(f"optimizer {optimizer} (trained with {record.optimizer})")
+            if record.learned_rates and not learned:
+                mismatch.append(f"fixed lr {lr:g} instead of the learned Meta-SGD rates")
+            elif not record.learned_rates and abs(lr - record.lr) > 1e-12:
+                mismatch.append(f"lr {lr:g} (trained with {record.lr:g})")
+            if abs(clip - (record.clip or 0.0)) > 1e-12:
+                mismatch.append(f"clip {clip:g} (trained with {record.clip or 0:g})")
+            if record.shots is not None and c.shots != record.shots:
+                mismatch.append(f"shots {c.shots} (trained with {record.shots})")
+        used["recorded"] = record.to_dict() if record is not None and method in ("meta", "meta-dynamic") else None
+        used["mismatch"] = mismatch
+        if mismatch:
+            self.warnings.append(f"{method} adapts with an inner loop other than the one the meta-adapter was trained for: "
+                                 + "; ".join(mismatch) + ".")
+        return used
 
     # ------------------------------------------------------------------------------ run
 
@@ -306,7 +421,15 @@ class Evaluator:
             kind = ADAPTER_OF.get(method)
             if kind:
                 entry["adapter"] = self.sources[kind].to_dict()
-                entry["dynamic"] = method == "meta-dynamic" and self.sources[kind].has_sidecar
+                entry["dynamic"] = method == "meta-dynamic"
+            if method == "meta-dynamic":
+                entry["delta_model"] = {"source": self.delta.source, "tensors": len(self.delta.params),
+                                        "controller": self.delta.controller.mode if self.delta.controller else None,
+                                        "structure": ("per episode, from its support set"
+                                                      if self.delta.controller is not None and self.delta.controller.mode == "task"
+                                                      else "fixed")}
+            if method in self.inner_loops:
+                entry["inner_loop"] = self.inner_loops[method]
             if method == "fresh-lora":
                 cfg = self._fresh_lora_config()
                 entry["lora"] = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
@@ -332,9 +455,13 @@ class Evaluator:
                     parity["note"] = (f"meta used {passes['meta']} and multitask {passes['multitask']} forward/backward "
                                       "passes; the comparison is not compute-matched")
                     self.warnings.append("preparation budgets differ: " + parity["note"])
+        reference = next((self.inner_loops[m] for m in ("meta", "meta-dynamic", "multitask", "fresh-lora")
+                          if m in self.inner_loops), None) or {**DEFAULT_INNER, "learned_rates": False}
+        lr = "learned Meta-SGD rates" if reference.get("learned_rates") else reference["lr"]
         return {
-            "adaptation": {"steps": list(c.steps), "max_steps": max(c.steps), "optimizer": c.optimizer, "lr": c.inner_lr,
-                           "clip": c.inner_clip, "batch": "the full k-shot support set",
+            "adaptation": {"steps": list(c.steps), "max_steps": max(c.steps), "optimizer": reference["optimizer"],
+                           "lr": lr, "clip": reference["clip"], "batch": "the full k-shot support set",
+                           "trained_inner_steps": self.record.steps if self.record is not None else None,
                            "forward_backward_passes_per_episode": max(c.steps)},
             "preparation": preparation,
             "parity": parity,
@@ -366,16 +493,17 @@ class Evaluator:
                 for method in self.methods:
                     entry["methods"][method] = {"episodes": [], "accuracy": {str(s): [] for s in c.steps},
                                                 "accuracy_norm": {str(s): [] for s in c.steps},
-                                                "support_loss": {str(s): [] for s in c.steps}, "passes": []}
+                                                "support_loss": {str(s): [] for s in c.steps},
+                                                "query_loss": {str(s): [] for s in c.steps}, "passes": []}
                 for episode, record in zip(episodes, records):
                     for method in self.methods:
                         outcome = self.run_method(method, episode)
                         slot = entry["methods"][method]
                         slot["episodes"].append(record["id"])
                         slot["passes"].append(outcome["passes"])
-                        for key in ("accuracy", "accuracy_norm", "support_loss"):
+                        for key in ("accuracy", "accuracy_norm", "support_loss", "query_loss"):
                             for s in c.steps:
-                                slot[key][str(s)].append(outcome[key][str(s)])
+                                slot[key][str(s)].append(outcome.get(key, {}).get(str(s)))
                         seconds[method] += outcome["seconds"]
                         bar.update(1)
                 for method in self.methods:

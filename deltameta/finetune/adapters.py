@@ -279,3 +279,29 @@ def check_base_matches(source: AdapterSource, base_model: Any, what: str = "adap
             check_adapter_fits(base_model, source.peft_dir)
         except ModelLoadError as error:
             raise ModelLoadError(f"{what}='{source.given}': {error}") from None
+
+
+def recorded_inner_loop(source: AdapterSource):
+    """The inner loop ``source`` was meta-trained for, and its learned rates.
+
+    Read from the export's ``deltameta.json`` (+ ``deltameta_inner_lrs.safetensors``), else from the
+    meta-state (an older export of a run whose meta-state is at hand).
+
+    Returns:
+        ``(InnerLoopRecord | None, {delta name: rate} | None)``; ``(None, None)`` for an adapter
+        without a record (a plain PEFT LoRA, an older published export).
+    """
+    from deltameta.deltas.inner_loop import EXPORT_RATES_FILE, InnerLoopRecord, load_rates, read_export_record
+
+    if source.peft_dir is not None:
+        record = read_export_record(source.peft_dir)
+        if record is not None and record.get("inner_loop"):
+            rates_file = source.peft_dir / EXPORT_RATES_FILE
+            return (InnerLoopRecord.from_dict(record["inner_loop"], f"{source.peft_dir}/deltameta.json"),
+                    load_rates(rates_file) if rates_file.is_file() else None)
+    if source.meta_state is not None:
+        from deltameta.deltas.state import load_meta_state
+
+        state = load_meta_state(source.meta_state)
+        return state.inner_loop, state.inner_lrs
+    return None, None

@@ -28,7 +28,16 @@ class FinetuneConfig(BaseModelKeys):
 
     # starting adapter
     adapter: str = field("", "start from: a meta-train run dir, an exported PEFT dir or adapters/<name> ('' = fresh LoRA)")
-    dynamic: bool = field(False, "keep TARP's exact dynamic part (sidecar) active while training and copy it to the output")
+    dynamic: bool | None = field(
+        None, "train a TARP meta-adapter in its own parameters (LoRA A/B, TARP Σ map, multiplicative term) on deltameta's "
+        "delta model rebuilt from the export, saving last/ and best/ as deltameta exports (plain PEFT loads their static "
+        "fold, deltameta.load_meta_adapter the exact model); null = true for a TARP meta-adapter with deltameta.json, "
+        "false otherwise; false = train the static PEFT export as a plain LoRA")
+    inner_loop_first: bool = field(
+        True, "from a meta-adapter with a recorded inner loop (deltameta.json): the first steps are that inner loop "
+        "(its step count, optimizer, learned rates and clip on `shots` training examples, default the recorded shots), "
+        "the adaptation the adapter was meta-trained for; then `optimizer` trains for `steps`. false: `optimizer` from "
+        "the start")
     rank: int = field(8, "fresh LoRA rank")
     alpha: float = field(16.0, "fresh LoRA alpha (scaling alpha/rank)")
     target_modules: list[str] = field(list(DEFAULT_TARGETS), "fresh LoRA sublayers")
@@ -104,7 +113,7 @@ class FinetuneConfig(BaseModelKeys):
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected a fraction in [0, 1].")
         if self.early_stopping_patience and not (self.val_fraction or self.val_tasks):
             raise ConfigError("early_stopping_patience needs a validation split: set val_fraction > 0 or val_tasks=...")
-        if self.dynamic and not self.adapter:
+        if self.dynamic is True and not self.adapter:
             raise ConfigError("dynamic=true keeps a meta-adapter's TARP sidecar; it needs adapter=... (a fresh LoRA has none).")
         if not self.output_dir:
             raise ConfigError("output_dir is empty; give a directory for the run.")

@@ -17,10 +17,20 @@ every N steps (loss and accuracy) with early stopping, and writes::
                            continues from it exactly as the uninterrupted run would have gone on
 
 Both adapter directories load with plain ``PeftModel.from_pretrained``.
+
+From a meta-adapter with a recorded inner loop (``deltameta.json``), the first steps are that inner
+loop (``inner_loop_first``, default on): the adapter's trained number of steps with its optimizer,
+learning rates (Meta-SGD's learned ones included) and clip, on ``shots`` training examples (the
+recorded shots when ``shots=0``), through :func:`deltameta.meta.functional.adapt` like meta-training;
+then the configured optimizer continues. A TARP meta-adapter is trained in its own parameters
+(``dynamic``, default on for one): deltameta's delta model is rebuilt from the export (with a
+task-conditioned controller, the structure is chosen from the training examples' task embedding)
+and ``last/``/``best/`` are written as deltameta exports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -96,7 +106,13 @@ class _Trainer:
         self.device = common.model_device(base)
         self.autocast = bool(c.bf16)
         self.source = None
+        self.record = self.rates = self.delta = self.embedding = None
+        self.export_meta = None
+        legacy_dynamic = False
         if source is not None:
+            from deltameta.deltas.inner_loop import read_export_record
+            from deltameta.finetune.adapters import recorded_inner_loop
+
             check_base_matches(source, base)
             start = out / "start_adapter"
             if resume and source.peft_dir is None and (start / "adapter_config.json").is_file():  # exported before
@@ -104,10 +120,26 @@ class _Trainer:
                                              has_sidecar=all((start / f).is_file() for f in SIDECAR_FILES))
             source = ensure_peft_dir(source, start, device=str(self.device), max_length=c.max_length)
             check_base_matches(source, base)
-            if c.dynamic and not source.has_sidecar:
-                logger.warning("dynamic=true but %s has no TARP sidecar; training the static adapter only", source.given)
             self.source = source
-            self.model = common.attach_adapter(base, ADAPTER_NAME, peft_dir=source.peft_dir)
+            self.record, self.rates = recorded_inner_loop(source)
+            self.export_meta = read_export_record(source.peft_dir)
+            dynamic = c.dynamic if c.dynamic is not None else _is_tarp_export(self.export_meta)
+            if dynamic and self.export_meta is None:
+                if source.has_sidecar:
+                    legacy_dynamic = True
+                    logger.warning("dynamic=true: %s is an export without deltameta.json (older deltameta); its TARP "
+                                   "sidecar is kept frozen and only the static LoRA is trained. Re-export the run to "
+                                   "train TARP in its own parameters.", source.given)
+                else:
+                    logger.warning("dynamic=true but %s has no TARP sidecar; training the static adapter only", source.given)
+                dynamic = False
+            if dynamic:
+                from deltameta.deltas.rebuild import rebuild_delta_model
+
+                self.delta = rebuild_delta_model(base, peft_dir=source.peft_dir, share=False)
+                self.model = self.delta.model
+            else:
+                self.model = common.attach_adapter(base, ADAPTER_NAME, peft_dir=source.peft_dir)
         else:
             base_id = getattr(getattr(base, "deltameta_base", None), "base_model_name_or_path", None)
             lora = common.fresh_lora_config(c.rank, c.alpha, c.target_modules, c.lora_dropout, base_id)
@@ -119,13 +151,18 @@ class _Trainer:
 
                 raise ConfigError(f"target_modules={c.target_modules}: {error}") from None
         self.hooks = []
-        if c.dynamic and self.source is not None and self.source.has_sidecar:
+        if legacy_dynamic:
             from deltameta.finetune.dynamic import attach_dynamic
 
             self.hooks = attach_dynamic(self.model, self.source.peft_dir)
-        self.params = common.activate(self.model, ADAPTER_NAME)
+        self._structure = contextlib.ExitStack()
+        if self.delta is not None:
+            self.params = self.delta.params
+            self._choose_structure()
+        else:
+            self.params = common.activate(self.model, ADAPTER_NAME)
         if c.gradient_checkpointing:
-            inner = self.model.base_model.model
+            inner = self.model.base_model.model if self.delta is None else self.model
             if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -149,6 +186,61 @@ class _Trainer:
         self.metrics_path = out / "metrics.jsonl"
 
     # -------------------------------------------------------------------------- pieces
+
+    def _support_items(self) -> list[Any]:
+        """The training examples the recorded inner loop (and the controller) sees: ``shots`` of them, seeded."""
+        shots = self.config.shots or (self.record.shots if self.record is not None and self.record.shots else 0) or 4
+        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(self.config.seed + 2)).tolist()
+        return [self.data.train[i] for i in order[:shots]]
+
+    def _support_batch(self) -> dict[str, torch.Tensor]:
+        rows = encode_items(self.tokenizer, self._support_items(), self.config.max_length)
+        return {k: v.to(self.device) for k, v in collate_rows(rows, self.pad).items()}
+
+    def _choose_structure(self) -> None:
+        """Fix the controller's structure for the run: from the support examples' task embedding (``task``)."""
+        controller = self.delta.controller
+        if controller is None:
+            return
+        from deltameta.deltas import task_embedding
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad = int(pad)
+        if controller.mode == "task":
+            batch = self._support_batch()
+            self.embedding = task_embedding(self.model, batch["input_ids"], batch["attention_mask"])
+        decisions = controller.decide(self.embedding)
+        self.structure = dict(zip(controller.candidates, decisions))
+        self._structure.enter_context(controller.apply(self.model, controller.decision_weights(decisions).to(self.device)))
+
+    def _inner_loop_first(self) -> dict[str, Any] | None:
+        """Run the recorded inner loop on the support examples (the one adaptation function); return its log row."""
+        record = self.record
+        if not self.config.inner_loop_first or record is None or record.steps < 1:
+            return None
+        from deltameta.meta import functional as F
+
+        batch = self._support_batch()
+        if self.rates:
+            if self.delta is not None:
+                lr = {n: self.rates[n].to(p.device, p.dtype) if n in self.rates else torch.tensor(record.lr)
+                      for n, p in self.params.items()}
+            else:
+                from deltameta.deltas.inner_loop import rates_for_peft
+
+                lr = rates_for_peft(self.rates, self.params, ADAPTER_NAME, record.lr)
+        else:
+            lr = record.lr
+        losses: list[float] = []
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            fast = F.adapt(F.detached(self.params), batch, F.lm_loss_fn(self.model, use_cache=False), steps=record.steps,
+                           lr=lr, first_order=True, clip=record.clip, losses=losses, **record.optimizer_kwargs())
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(fast[name].detach())
+        return {"kind": "inner_loop", "step": 0, "inner_steps": record.steps, "support_losses": losses,
+                "optimizer": record.optimizer, "lr": "learned" if self.rates else record.lr, "clip": record.clip,
+                "examples": int(batch["input_ids"].shape[0])}
 
     def _next_rows(self) -> list[tuple[list[int], list[int]]]:
         rows = []
@@ -197,12 +289,41 @@ class _Trainer:
 
     def _save(self, name: str) -> Path:
         target = self.out / name
+        if self.delta is not None:
+            return self._save_export(target)
         with atomic_directory(target) as tmp:
             self.model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME], save_embedding_layers=False)
             if self.hooks and self.source is not None:
                 for file in SIDECAR_FILES:
                     shutil.copy2(self.source.peft_dir / file, tmp / file)
             (tmp / "README.md").write_text(self._card(name), encoding="utf-8")
+        return target
+
+    def _save_export(self, target: Path) -> Path:
+        """Write the trained delta model as a deltameta export (PEFT static fold + sidecar + deltameta.json)."""
+        from deltameta.deltas.config import DeltaConfig
+        from deltameta.deltas.export import export_peft
+        from deltameta.deltas.state import MetaState
+
+        meta = self.export_meta
+        controller = self.delta.controller
+        state = MetaState(
+            path=target, delta_config=DeltaConfig.from_dict(meta["delta_config"]),
+            deltas={n: p.detach() for n, p in self.params.items()}, base=dict(meta.get("base") or {}),
+            extra={"finetuned_from": self.source.given, "finetune": {"tasks": self.config.tasks, "steps": self.step}},
+            controller_state=controller.state_dict() if controller is not None else None,
+            controller_meta=controller.metadata() if controller is not None else None,
+            inner_loop=self.record, inner_lrs=self.rates)
+        examples = [(item.example.input, item.example.target) for item in self._support_items()
+                    if isinstance(getattr(item.example, "target", None), str)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            export_peft(state, target, task_examples=[{"input": i, "output": o} for i, o in examples] or None,
+                        built=(self.model, self.tokenizer, controller), structure_embedding=self.embedding,
+                        max_length=self.config.max_length)
+        finally:
+            self.model.train(was_training)
         return target
 
     def _card(self, name: str) -> str:
@@ -286,6 +407,7 @@ class _Trainer:
         stopped = False
         if resume:
             best, bad, before = self._restore(self.resume_state)
+            inner = None  # the recorded inner loop ran before the first checkpoint
             self.resume_state = None
             kept = [line for line in _read_rows(self.metrics_path) if line.get("step", 0) <= self.step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -296,6 +418,9 @@ class _Trainer:
             self.metrics_path.write_text("", encoding="utf-8")
             self.reporter = Reporter(c.report_to, self.out, config_to_dict(c), "finetune")
             before = self._mean_loss(self.train_probe)
+            inner = self._inner_loop_first()
+            if inner is not None:
+                self._log(inner)
             best = None
             bad = 0
             if has_val:
@@ -362,11 +487,15 @@ class _Trainer:
             write_finetune_plots(self.out, self.rows)
         for handle in self.hooks:
             handle.remove()
+        self._structure.close()
         atomic_write_json(self.out / "run.json", {
             "status": "finished", "steps": self.step, "total_steps": self.total, "stopped_early": stopped,
             "train_loss_before": before, "train_loss_after": after, "best_val_loss": best, "seconds": seconds,
             "adapter": str(adapter_dir), "adapter_source": self.source.to_dict() if self.source else None,
-            "data": self.data.tasks,
+            "data": self.data.tasks, "inner_loop_first": inner,
+            "trained": ("delta model (LoRA A/B, TARP Σ map, multiplicative term)" if self.delta is not None
+                        else "PEFT LoRA"),
+            "structure": getattr(self, "structure", None),
         })
         return FinetuneResult(self.out, adapter_dir, self.step, stopped, before, after, best, seconds)
 
@@ -400,6 +529,19 @@ def read_checkpoint(out: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume {out}: the run stopped before its first checkpoint (checkpoint_every); "
                           "start it again with --overwrite.")
     return load_state(out / CHECKPOINT, "trainer_state")
+
+
+def _is_tarp_export(record: dict[str, Any] | None) -> bool:
+    """Whether an export's ``deltameta.json`` describes a TARP (or multiplicative) meta-adapter."""
+    if not record:
+        return False
+    config = record.get("delta_config") or {}
+    ops = list((record.get("decisions") or {}).values())
+    if config.get("controller", "none") != "none":  # the structure may be chosen anew from the data
+        ops += list(config.get("ops") or [])
+    else:
+        ops.append(str(config.get("delta", "")))
+    return bool(config.get("multiplicative")) or any(str(op).startswith("tarp") for op in ops)
 
 
 def write_finetune_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:

@@ -356,8 +356,12 @@ def adapt(
     optimizer: str = "sgd",
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    on_step: Callable[[int, Params], None] | None = None,
 ) -> Params:
     """Adapt ``params`` to a task with ``steps`` optimizer steps on its support batch.
+
+    This is deltameta's one adaptation function: the meta-train inner loop, ``evaluate``'s
+    training methods and ``finetune``'s recorded inner-loop steps all call it.
 
     The returned tensors are functions of ``params`` (never in-place updates), so a loss on them
     backpropagates to the meta-parameters. Leaf tensors that do not require grad are made to (on
@@ -378,6 +382,9 @@ def adapt(
             :func:`adam_step`).
         betas: Adam's ``(beta1, beta2)`` (``adam`` only).
         eps: Adam's epsilon (``adam`` only).
+        on_step: Called as ``on_step(k, current)`` after ``k`` steps, for ``k = 0 .. steps``
+            (``k = 0`` before the first), e.g. to score intermediate steps; it must not modify
+            ``current``.
 
     Returns:
         The adapted ``name -> tensor`` dict.
@@ -392,7 +399,9 @@ def adapt(
     for name, p in params.items():
         current[name] = p if p.requires_grad else p.detach().requires_grad_(True)
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
+            if on_step is not None:
+                on_step(step, current)
             loss = loss_fn(current, support_batch)
             if losses is not None:
                 losses.append(float(loss.detach()))
@@ -401,6 +410,8 @@ def adapt(
                                     betas=betas, eps=eps)
             else:
                 current = sgd_step(current, loss, lr, first_order=first_order, clip=clip, task_dim=task_dim)
+    if on_step is not None:
+        on_step(steps, current)
     return current
 
 

@@ -410,7 +410,19 @@ class MetaTrainer:
                  "validation": {"initial": self.initial_validation, "last": self.last_validation, "best": self.best}}
         fold, emb = (self._fold_statistics() if final else (None, None))
         save_meta_state(directory, self.model, self.delta_config, self.controller, extra=extra,
-                        fold_stats=fold, task_embedding_mean=emb)
+                        fold_stats=fold, task_embedding_mean=emb, **self.inner_loop_record())
+
+    def inner_loop_record(self) -> dict[str, Any]:
+        """``inner_loop`` (the record) and ``inner_lrs`` (learned rates or ``None``) of this run."""
+        from deltameta.deltas.inner_loop import rates_from_extra_parameters, record_from_config
+
+        rates = rates_from_extra_parameters(self.algorithm.extra_parameters()) or None
+        inner = self.algorithm.inner
+        record = record_from_config(dataclasses.asdict(self.config), first_order=inner.first_order,
+                                    learned_rates=rates is not None)
+        if record.optimizer == "adam":
+            record.betas, record.eps = tuple(inner.betas), float(inner.eps)
+        return {"inner_loop": record, "inner_lrs": rates}
 
     def _fold_statistics(self, episodes: int = 8):
         """Mean TARP ``Σ(x) - I`` and mean task embedding over meta-training episodes (export fold point)."""
