@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "deltameta.commands.export",
     "deltameta.commands.tasks",
     "deltameta.commands.models",
+    "deltameta.commands.recipes",
 )
 
 
