@@ -689,6 +689,15 @@ def load_base(
     return network, tokenizer
 
 
+def base_record(model: Any) -> dict[str, Any] | None:
+    """Return ``model.deltameta_base`` as a dict (what runs write to ``run.json``), or ``None``.
+
+    It names the base, its quantization and the exact weights (file names and sha256).
+    """
+    info = getattr(model, "deltameta_base", None)
+    return info.to_dict() if info is not None else None
+
+
 def cache_state(name: str) -> list[tuple[str, Path, int]]:
     """List prepared variants of ``name`` in the cache.
 

