@@ -210,22 +210,37 @@ class _Trainer:
         return target
 
     def _card(self, name: str) -> str:
+        from deltameta.cards import eval_result, hub_dataset_ids, render_card
+        from deltameta.deltas.export import _weights_lines
+
         c = self.config
         base = getattr(self.model.base_model.model, "deltameta_base", None)
         start = f"`{self.source.given}`" if self.source else f"a fresh LoRA (rank {c.rank}, alpha {c.alpha})"
         lines = [
-            "---", f"base_model: {base.base_model_name_or_path if base else 'unknown'}", "library_name: peft",
-            "tags: [deltameta, lora, finetune]", "---", "",
-            f"# deltameta fine-tuned adapter ({name})", "",
             f"- started from: {start}",
             f"- trained on: `{c.tasks}` ({len(self.data.train)} examples, {len(self.data.validation)} held out)",
-            f"- base quantization during training: `{c.quantization}`",
+            f"- base model: `{base.base_model_name_or_path if base else 'unknown'}`; quantization during training: `{c.quantization}`",
+            *_weights_lines(base.weights if base else None),
             f"- steps: {self.step} of {self.total}, lr {c.lr} ({c.lr_schedule}), batch {c.batch_size} x {c.gradient_accumulation}",
         ]
         if self.hooks:
             lines.append("- carries TARP's dynamic sidecar: load with `deltameta.load_meta_adapter(base, DIR)` for the exact model")
         lines += ["", "```python", "from peft import PeftModel", 'model = PeftModel.from_pretrained(base, "DIR")', "```", ""]
-        return "\n".join(lines)
+        validations = [r for r in getattr(self, "rows", []) if r.get("kind") == "validation"]
+        results = []
+        if validations:
+            best = min(validations, key=lambda r: r["val_loss"]) if name == "best" else validations[-1]
+            results = [eval_result("validation loss", best.get("val_loss"), c.tasks, "validation"),
+                       eval_result("validation accuracy", best.get("val_accuracy"), c.tasks, "validation", "accuracy")]
+        return render_card(
+            title=f"deltameta fine-tuned adapter ({name})",
+            body="\n".join(lines),
+            base_model=base.base_model_name_or_path if base else None,
+            tags=["finetune"],
+            datasets=hub_dataset_ids(c.tasks),
+            eval_results=results,
+            weights=base.weights if base else None,
+        )
 
     def _validate(self) -> dict[str, Any]:
         row = {"kind": "validation", "step": self.step, "val_loss": self._mean_loss(self.val_rows)}
