@@ -26,7 +26,7 @@ class FinetuneConfig(BaseModelKeys):
     bf16: bool = field(False, "run forward/backward under bf16 autocast (GPU; the adapter stays fp32)")
 
     # starting adapter
-    adapter: str = field("", "start from: a meta-train run dir, an exported PEFT dir or adapters/<name> ('' = fresh LoRA)")
+    adapter: str = field("", "start from: a meta-train run dir, an exported PEFT dir, adapters/<name> or a Hub id ('' = fresh LoRA)")
     dynamic: bool = field(False, "keep TARP's exact dynamic part (sidecar) active while training and copy it to the output")
     rank: int = field(8, "fresh LoRA rank")
     alpha: float = field(16.0, "fresh LoRA alpha (scaling alpha/rank)")
