@@ -76,6 +76,6 @@ def resolve_recipe(given: str | Path) -> Path:
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
-        f"recipe '{given}' is neither a file nor a shipped recipe.{hint} "
+        f"recipe '{given}' does not exist: it is neither a file nor a shipped recipe.{hint} "
         "List the shipped ones with: deltameta recipes ls"
     )
