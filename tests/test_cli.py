@@ -12,7 +12,7 @@ import pytest
 from deltameta.cli import COMMAND_MODULES, build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["meta-train", "finetune", "evaluate", "export", "tasks", "models"]
+SUBCOMMANDS = ["meta-train", "finetune", "evaluate", "export", "tasks", "models", "recipes"]
 
 
 def test_top_level_help_lists_every_subcommand():
@@ -24,7 +24,8 @@ def test_top_level_help_lists_every_subcommand():
 
 @pytest.mark.parametrize(
     "words",
-    [[name] for name in SUBCOMMANDS] + [["tasks", "list"], ["tasks", "show"], ["models", "list"], ["models", "prepare"]],
+    [[name] for name in SUBCOMMANDS] + [["tasks", "list"], ["tasks", "show"], ["models", "list"], ["models", "prepare"], ["models", "path"],
+                                          ["recipes", "ls"], ["recipes", "cp"]],
     ids=" ".join,
 )
 def test_every_subcommand_has_help(words, capsys):

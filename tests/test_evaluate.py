@@ -137,6 +137,8 @@ def test_methods_without_adapters_and_cli(tmp_path, capsys):
     assert "zero-shot" in out and "icl" in out and "fresh-lora" in out and "meta " not in out
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert list(results["methods"]) == ["zero-shot", "icl", "fresh-lora"]
+    base = json.loads((tmp_path / "eval" / "run.json").read_text())["base"]  # the exact weights are recorded
+    assert base["name"] == "tiny-random-llama" and base["seed"] == 0 and "files" in base["weights"]
     assert main(args + ["methods=[zero-shot, meta-dynamc]"]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'meta-dynamc'" in err and "Did you mean 'meta-dynamic'?" in err and "Traceback" not in err

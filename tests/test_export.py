@@ -142,6 +142,11 @@ def test_round_trip_through_plain_peft_and_load_meta_adapter(tmp_path):
         assert adapter_cfg["rank_pattern"] == {n: parse_op(op).rank for n, op in kept.items()}
         card = (out / "README.md").read_text()
         assert "deltameta/tiny-random-llama" in card and "0.42" in card and "toy tasks" in card and quant in card
+        from huggingface_hub import ModelCard
+
+        data = ModelCard(card).data
+        assert data.library_name == "peft" and data.license == "apache-2.0"
+        assert "base_model:adapter:deltameta/tiny-random-llama" in data.tags
         if config.controller == "none":
             assert result.fold_source.startswith("fold statistics stored")
             stored = load_meta_state(run).fold_stats

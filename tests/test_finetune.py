@@ -44,6 +44,13 @@ def test_fresh_lora_finetune_writes_loadable_adapters_and_lowers_loss(tmp_path):
     assert result.adapter_dir == out / "best" and result.best_val_loss is not None
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["adapter"] == str(out / "best")
+    assert run["base"]["name"] == "tiny-random-llama" and "origin" in run["base"]["weights"]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "best" / "README.md").data
+    assert card.library_name == "peft" and "base_model:adapter:deltameta/tiny-random-llama" in card.tags
+    losses = {r.metric_name: r.metric_value for r in card.eval_results}
+    assert losses["validation loss"] == pytest.approx(result.best_val_loss)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 13))
     assert [r["step"] for r in rows if r["kind"] == "validation"] == [0, 4, 8, 12]

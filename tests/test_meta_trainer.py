@@ -39,6 +39,7 @@ def test_short_run_writes_the_run_dir(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4]
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "finished" and status["step"] == 4
+    assert status["base"]["name"] == "tiny-random-llama" and "origin" in status["base"]["weights"]
     rows = _rows(run)
     train = [r for r in rows if r["kind"] == "train"]
     val = [r for r in rows if r["kind"] == "validation"]

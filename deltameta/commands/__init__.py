@@ -31,7 +31,7 @@ def add_recipe_command(
         help: One line for the top-level ``--help``.
         description: The subcommand's description.
         examples: Command lines shown under ``examples:``.
-        recipes: Folder of the command's recipes (for ``--config``'s help).
+        recipes: Folder of the command's shipped recipes (for ``--config``'s help).
         overwrite_help: Help of ``--overwrite``.
         run: ``args -> exit code``.
         options: The command's own options, ``(flag, add_argument keywords)``, put after ``--config``.
@@ -48,7 +48,9 @@ def add_recipe_command(
         epilog=describe_keys(config_cls) + "\n\nexamples:\n" + "\n".join(f"  {example}" for example in examples),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="RECIPE", help=f"recipe YAML (see {recipes})")
+    parser.add_argument("--config", metavar="RECIPE",
+                        help=f"recipe: a YAML file or a shipped recipe's name, e.g. {recipes}/NAME "
+                             f"(list them: deltameta recipes ls)")
     for flag, keywords in options:
         parser.add_argument(flag, **keywords)
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)

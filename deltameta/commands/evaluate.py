@@ -24,12 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         examples=[
             "deltameta evaluate model=tiny-random-llama quantization=none episodes=2",
-            "deltameta evaluate --config recipes/evaluate/smollm2_135m_bigbench_dev.yaml adapter=runs/meta "
+            "deltameta evaluate --config evaluate/smollm2_135m_bigbench_dev adapter=runs/meta "
             "multitask_adapter=runs/multitask",
             "deltameta evaluate tasks=../shared/data/bigbench-lite splits=../shared/data/bigbench-lite/splits.json "
             "split=dev adapters='{meta: runs/meta, multitask: runs/multitask}' steps=[0,5,10]",
         ],
-        recipes="recipes/evaluate/",
+        recipes="evaluate",
         overwrite_help="replace previous results in output_dir",
         run=run,
         options=[("--merge", dict(nargs="+", metavar="DIR", default=None,

@@ -1,4 +1,4 @@
-"""``deltameta export RUN_DIR --out DIR``: write a meta-trained run as a PEFT LoRA adapter."""
+"""``deltameta export RUN_DIR --out DIR [--push-to-hub REPO_ID]``: write a meta-trained run as a PEFT LoRA adapter."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "controller chooses the structure for it and TARP is folded on it",
     )
     parser.add_argument("--device", default="cpu", help="device to build the model on (default: cpu)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                        help="then upload the export to this Hugging Face Hub model repo (org/name; created if "
+                        "needed; log in first with `hf auth login` or set HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     parser.set_defaults(func=run)
     return parser
 
@@ -37,8 +41,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``deltameta export``."""
     from deltameta.deltas.export import export_peft
+    from deltameta.hub import check_can_push, push_to_hub
 
+    if args.push_to_hub:
+        check_can_push(args.push_to_hub)  # before any work: offline or a malformed id fails at once
     result = export_peft(args.run_dir, args.out, task_examples=args.task_examples, device=args.device)
     kept = sum(op != "skip" for op in result.decisions.values())
     print(f"exported {kept} of {len(result.decisions)} sublayers to {result.path}")
+    if args.push_to_hub:
+        url = push_to_hub(result.path, args.push_to_hub, private=args.private,
+                          commit_message=f"deltameta export of {args.run_dir}")
+        print(f"pushed to https://huggingface.co/{args.push_to_hub} ({url})")
     return 0

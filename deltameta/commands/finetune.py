@@ -29,10 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         examples=[
             "deltameta finetune",
             "deltameta finetune adapter=runs/meta-train tasks=my_task.jsonl steps=100 output_dir=runs/my-task",
-            "deltameta finetune --config recipes/finetune/llama3_8b_qlora_24gb.yaml adapter=adapters/NAME tasks=data.jsonl",
+            "deltameta finetune --config finetune/llama3_8b_qlora_24gb adapter=adapters/NAME tasks=data.jsonl",
             "deltameta finetune --resume runs/my-task",
         ],
-        recipes="recipes/finetune/",
+        recipes="finetune",
         overwrite_help="replace a previous fine-tuning run in output_dir",
         run=run,
         options=[("--resume", dict(metavar="RUN_DIR", help="continue the stopped run in RUN_DIR from its last checkpoint "

@@ -322,7 +322,10 @@ def export_peft(
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         lora_config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        if state.base.get("weights"):  # the exact base weights, also in the card
+            metadata["deltameta_base_weights"] = json.dumps(state.base["weights"], sort_keys=True)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
         if sidecar:
             save_file(sidecar, str(tmp / SIDECAR))
             meta = {"format": 1, "fold_source": fold_source, "layers": sidecar_layers}
@@ -380,14 +383,6 @@ def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_sou
     config = state.delta_config
     ranks = collections.Counter(f"{op}" for op in kept.values())
     lines = [
-        "---",
-        f"base_model: {base['base_model_name_or_path']}",
-        "library_name: peft",
-        "tags: [deltameta, lora, meta-learning]",
-        "---",
-        "",
-        f"# deltameta meta-adapter for {base['base_model_name_or_path']}",
-        "",
         "A low-rank adapter meta-learned with MAML by deltameta on a frozen base, "
         "exported as a standard PEFT LoRA adapter (unmerged).",
         "",
@@ -398,6 +393,9 @@ def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_sou
         f"- quantization during meta-training: `{base.get('quantization')}` (compute dtype `{base.get('compute_dtype')}`, "
         f"double quant: {base.get('double_quant')})",
         "- never merge this adapter into a 4-bit base: requantization destroys a small delta.",
+    ]
+    lines += _weights_lines(base.get("weights"))
+    lines += [
         "",
         "## Adapter",
         "",
@@ -446,7 +444,35 @@ def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_sou
     if table:
         lines += ["## Controller decisions", "", "```", table.rstrip("\n"), "```", "",
                   "Heatmap: `controller_decisions.png`.", ""]
-    return "\n".join(lines)
+    from deltameta.cards import eval_result, hub_dataset_ids, render_card
+
+    recipe = extra.get("config") or extra.get("recipe") or {}
+    tasks = recipe.get("tasks") if isinstance(recipe, dict) else None
+    validation = extra.get("validation") or {}
+    last = validation.get("last") if isinstance(validation, dict) else None
+    results = []
+    if isinstance(last, (list, tuple)) and len(last) == 2:
+        results = [eval_result("held-out query loss before adaptation", last[0], tasks or "tasks", "validation"),
+                   eval_result("held-out query loss after adaptation", last[1], tasks or "tasks", "validation")]
+    return render_card(
+        title=f"deltameta meta-adapter for {base['base_model_name_or_path']}",
+        body="\n".join(lines),
+        base_model=base["base_model_name_or_path"],
+        tags=["meta-learning", config.delta],
+        datasets=hub_dataset_ids(tasks),
+        eval_results=results,
+        weights=base.get("weights"),
+    )
+
+
+def _weights_lines(weights: dict[str, Any] | None) -> list[str]:
+    """Card lines naming the exact base weights (file names and sha256)."""
+    if not weights or not weights.get("files"):
+        origin = (weights or {}).get("origin")
+        return [f"- base weights: {origin or 'not recorded'} (sha256 not recorded)"]
+    lines = [f"- base weights ({weights.get('origin')}, {weights.get('format')}):"]
+    lines += [f"  - `{f['name']}` sha256 `{f['sha256']}`" for f in weights["files"]]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

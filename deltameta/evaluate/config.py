@@ -31,9 +31,9 @@ class EvaluateConfig(BaseModelKeys):
     bf16: bool = field(False, "run forward/backward under bf16 autocast")
 
     # adapters
-    adapter: str = field("", "the meta-adapter (for meta and meta-dynamic): meta-train run dir, PEFT dir or adapters/<name>")
+    adapter: str = field("", "the meta-adapter (for meta and meta-dynamic): meta-train run dir, PEFT dir, adapters/<name> or Hub id")
     meta_adapter: str = field("", "same as adapter")
-    multitask_adapter: str = field("", "adapter of a meta-train run with algorithm=multitask (the multitask baseline)")
+    multitask_adapter: str = field("", "adapter of a meta-train run with algorithm=multitask (the multitask baseline): run dir, PEFT dir or Hub id")
     adapters: dict[str, str] = field({}, "several at once: {meta: RUN_DIR, multitask: RUN_DIR}")
 
     # tasks and episodes

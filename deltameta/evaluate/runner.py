@@ -556,15 +556,19 @@ def run_evaluate(config: EvaluateConfig, overwrite: bool = False, model: tuple[A
         shutil.rmtree(out, ignore_errors=True)
         raise
     atomic_write_text(out / "config.yaml", config_to_yaml(config))
+    from deltameta.base import base_record
+
+    base = base_record(evaluator.base)  # the exact weights (file names and sha256)
     atomic_write_json(out / "run.json", {"status": "running", "methods": evaluator.methods,
-                                         "tasks": [t.name for t in evaluator.tasks]})
+                                         "tasks": [t.name for t in evaluator.tasks], "base": base})
     try:
         results = evaluator.run()
     except BaseException as error:
         atomic_write_json(out / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
         raise
     atomic_write_json(out / "run.json", {"status": "finished", "methods": evaluator.methods,
-                                         "tasks": [t.name for t in evaluator.tasks], "seconds": results["timing"]["seconds"]})
+                                         "tasks": [t.name for t in evaluator.tasks], "seconds": results["timing"]["seconds"],
+                                         "base": base})
     report_results(config, out, results)
     return results
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from deltameta.errors import ConfigError, MetaStateError, ModelLoadError
+from deltameta.hub import download_adapter, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,9 @@ def resolve_adapter(given: str, what: str = "adapter") -> AdapterSource:
 
     Accepted forms: a meta-training run directory (its ``peft/`` export, else its ``final/``
     meta-state), a meta-state directory, an exported PEFT adapter directory (of a deltameta run or
-    any PEFT LoRA), or a published adapter name (``adapters/<name>`` or just ``<name>``).
+    any PEFT LoRA), a published adapter name (``adapters/<name>`` or just ``<name>``), or a Hugging
+    Face Hub id (``org/name`` that is no local path: downloaded once with ``huggingface_hub``; with
+    ``HF_HUB_OFFLINE=1`` only the local cache is used).
 
     Args:
         given: The path or name.
@@ -169,13 +172,16 @@ def resolve_adapter(given: str, what: str = "adapter") -> AdapterSource:
         The :class:`AdapterSource`. A run or meta-state without export has ``peft_dir=None``.
 
     Raises:
-        ConfigError: nothing exists there (the published adapters are listed, closest first).
+        ConfigError: nothing exists there (the published adapters are listed, closest first), or a
+            Hub id cannot be downloaded (offline: the message names HF_HUB_OFFLINE).
         MetaStateError: a run directory without a finished meta-state (still training?).
         ModelLoadError: a directory that is none of the accepted forms.
     """
     if not given or not str(given).strip():
         raise ConfigError(f"{what} is empty; give a run directory, a PEFT adapter directory or adapters/<name>.")
     path = next((p for p in _candidates(str(given)) if p.exists()), None)
+    if path is None and looks_like_hub_id(str(given)):
+        path = download_adapter(str(given).strip(), what)
     if path is None:
         names = _available_adapters()
         close = difflib.get_close_matches(Path(str(given)).name, names, n=3)

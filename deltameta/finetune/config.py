@@ -27,7 +27,7 @@ class FinetuneConfig(BaseModelKeys):
     bf16: bool = field(False, "run forward/backward under bf16 autocast (GPU; the adapter stays fp32)")
 
     # starting adapter
-    adapter: str = field("", "start from: a meta-train run dir, an exported PEFT dir or adapters/<name> ('' = fresh LoRA)")
+    adapter: str = field("", "start from: a meta-train run dir, an exported PEFT dir, adapters/<name> or a Hub id ('' = fresh LoRA)")
     dynamic: bool | None = field(
         None, "train a TARP meta-adapter in its own parameters (LoRA A/B, TARP Σ map, multiplicative term) on deltameta's "
         "delta model rebuilt from the export, saving last/ and best/ as deltameta exports (plain PEFT loads their static "

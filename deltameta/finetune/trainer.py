@@ -104,6 +104,9 @@ class _Trainer:
         source = resolve_adapter(c.adapter, "adapter") if c.adapter else None  # fail before loading the base
         base, self.tokenizer = model if model is not None else common.load_frozen_base(c)
         self.device = common.model_device(base)
+        from deltameta.base import base_record
+
+        self.base_record = base_record(base)  # the exact weights, recorded in run.json
         self.autocast = bool(c.bf16)
         self.source = None
         self.record = self.rates = self.delta = self.embedding = None
@@ -327,22 +330,37 @@ class _Trainer:
         return target
 
     def _card(self, name: str) -> str:
+        from deltameta.cards import eval_result, hub_dataset_ids, render_card
+        from deltameta.deltas.export import _weights_lines
+
         c = self.config
         base = getattr(self.model.base_model.model, "deltameta_base", None)
         start = f"`{self.source.given}`" if self.source else f"a fresh LoRA (rank {c.rank}, alpha {c.alpha})"
         lines = [
-            "---", f"base_model: {base.base_model_name_or_path if base else 'unknown'}", "library_name: peft",
-            "tags: [deltameta, lora, finetune]", "---", "",
-            f"# deltameta fine-tuned adapter ({name})", "",
             f"- started from: {start}",
             f"- trained on: `{c.tasks}` ({len(self.data.train)} examples, {len(self.data.validation)} held out)",
-            f"- base quantization during training: `{c.quantization}`",
+            f"- base model: `{base.base_model_name_or_path if base else 'unknown'}`; quantization during training: `{c.quantization}`",
+            *_weights_lines(base.weights if base else None),
             f"- steps: {self.step} of {self.total}, lr {c.lr} ({c.lr_schedule}), batch {c.batch_size} x {c.gradient_accumulation}",
         ]
         if self.hooks:
             lines.append("- carries TARP's dynamic sidecar: load with `deltameta.load_meta_adapter(base, DIR)` for the exact model")
         lines += ["", "```python", "from peft import PeftModel", 'model = PeftModel.from_pretrained(base, "DIR")', "```", ""]
-        return "\n".join(lines)
+        validations = [r for r in getattr(self, "rows", []) if r.get("kind") == "validation"]
+        results = []
+        if validations:
+            best = min(validations, key=lambda r: r["val_loss"]) if name == "best" else validations[-1]
+            results = [eval_result("validation loss", best.get("val_loss"), c.tasks, "validation"),
+                       eval_result("validation accuracy", best.get("val_accuracy"), c.tasks, "validation", "accuracy")]
+        return render_card(
+            title=f"deltameta fine-tuned adapter ({name})",
+            body="\n".join(lines),
+            base_model=base.base_model_name_or_path if base else None,
+            tags=["finetune"],
+            datasets=hub_dataset_ids(c.tasks),
+            eval_results=results,
+            weights=base.weights if base else None,
+        )
 
     def _save_checkpoint(self, best: float | None, bad: int, before: float) -> Path:
         """Write the resumable state atomically into ``OUTPUT/checkpoint`` (replacing the previous one)."""
@@ -402,7 +420,7 @@ class _Trainer:
             atomic_write_text(self.out / "config.yaml", config_to_yaml(c))
         atomic_write_json(self.out / "run.json", {"status": "running", "total_steps": self.total,
                                                   "adapter_source": self.source.to_dict() if self.source else None,
-                                                  "data": self.data.tasks})
+                                                  "data": self.data.tasks, "base": self.base_record})
         has_val = bool(self.val_rows)
         stopped = False
         if resume:
@@ -492,7 +510,7 @@ class _Trainer:
             "status": "finished", "steps": self.step, "total_steps": self.total, "stopped_early": stopped,
             "train_loss_before": before, "train_loss_after": after, "best_val_loss": best, "seconds": seconds,
             "adapter": str(adapter_dir), "adapter_source": self.source.to_dict() if self.source else None,
-            "data": self.data.tasks, "inner_loop_first": inner,
+            "data": self.data.tasks, "base": self.base_record, "inner_loop_first": inner,
             "trained": ("delta model (LoRA A/B, TARP Σ map, multiplicative term)" if self.delta is not None
                         else "PEFT LoRA"),
             "structure": getattr(self, "structure", None),

@@ -453,7 +453,9 @@ class MetaTrainer:
         total = 0 if c.algorithm == "none" else c.outer_steps
         if self.dist.is_main:
             write_config(self.run_dir, c)
-            write_status(self.run_dir, "running", step=self.step, outer_steps=total)
+            from deltameta.base import base_record
+
+            write_status(self.run_dir, "running", step=self.step, outer_steps=total, base=base_record(self.model))
         started = time.perf_counter()
         if self.step == 0 and not self.resume:
             self.initial_validation = self.validate()
