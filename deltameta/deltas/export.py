@@ -4,11 +4,12 @@ PEFT's ``PeftType`` enum is closed, so the export is plain ``LORA``:
 
 * LoRA ops are written as they are (``lora_A``, ``lora_B``, ``r``, ``lora_alpha`` per sublayer via
   ``rank_pattern`` / ``alpha_pattern``); sublayers where the controller chose ``skip`` are left out.
-* TARP ops are folded: ``lora_B' = B Σ̄`` with ``Σ̄`` the mean of ``Σ(x)`` over the tokens of the
-  fold inputs. The fold point is, in order of preference: the given ``fold_inputs``, else the
+* TARP ops are folded: ``lora_B' = B M`` with ``M`` the least-squares fold of ``Σ(x)`` over the
+  tokens of the fold inputs (:mod:`deltameta.deltas.fold`; the mean of ``Σ(x)`` for meta-states
+  without the least-squares statistics), its error measured on held-out examples. The fold point is, in order of preference: the given ``fold_inputs``, else the
   ``task_examples``, else the fold statistics stored in the meta-state during meta-training,
   else the mean over :data:`DEFAULT_FOLD_TEXT` (a short neutral text). The exact dynamic
-  remainder ``s B (Σ(x) - Σ̄) A x`` goes to the sidecar ``deltameta_tarp.safetensors`` (+
+  remainder ``s B (Σ(x) - M) A x`` goes to the sidecar ``deltameta_tarp.safetensors`` (+
   ``deltameta_tarp.json``), which :func:`load_meta_adapter` re-attaches on top of ``PeftModel``.
 * The multiplicative (IA3-like) term is not expressible in LoRA: it is kept in the sidecar only
   (a warning says so).
@@ -34,7 +35,8 @@ from torch import nn
 
 from deltameta.atomic import atomic_directory
 from deltameta.deltas.config import parse_op
-from deltameta.deltas.model import collect_sigma_means, delta_layers, task_embedding
+from deltameta.deltas.fold import FOLD_METHODS, add_moments, fold_error, fold_points, normalise_moments
+from deltameta.deltas.model import collect_fold_moments, delta_layers, task_embedding
 from deltameta.deltas.state import MetaState, build_from_meta_state, load_meta_state
 from deltameta.errors import DataError, DeltametaError, ModelLoadError
 
@@ -55,12 +57,19 @@ class ExportResult:
         decisions: ``{sublayer: op}`` for every candidate (``skip`` included).
         sigma_bars: ``{sublayer: {op: Σ̄ - I}}`` fold points of the exported TARP ops.
         fold_source: Where the fold point came from.
+        fold_method: ``least_squares``, ``mean`` (older meta-states) or ``none`` (no TARP op).
+        fold_error: ``None`` without TARP; else ``method``, ``fold_source`` and, when the
+            meta-state holds held-out examples, the measured ``relative_logit_error`` and
+            ``loss_gain_kept`` of the exported fold plus every fold's numbers under ``folds``
+            (see :func:`deltameta.deltas.fold.fold_error`).
     """
 
     path: Path
     decisions: dict[str, str]
     sigma_bars: dict[str, dict[str, torch.Tensor]]
     fold_source: str
+    fold_method: str = "none"
+    fold_error: dict[str, Any] | None = None
 
 
 def load_task_examples(source: str | Path | Sequence[str] | Sequence[dict]) -> list[tuple[str, str | None]]:
@@ -210,9 +219,11 @@ def export_peft(
     def op_context():
         return controller.apply(model, weights) if controller is not None else contextlib.nullcontext()
 
-    # TARP fold point.
+    # TARP fold point (least squares when the statistics allow it, see deltameta.deltas.fold).
     sigma_bars: dict[str, dict[str, torch.Tensor]] = {}
     fold_source = "none (no TARP op exported)"
+    fold_method = "none"
+    fold_err: dict[str, Any] | None = None
     tarp_kept = {name: op for name, op in kept.items() if parse_op(op).kind == "tarp"}
     if tarp_kept:
         texts = [(t, None) for t in fold_inputs] if fold_inputs else examples
@@ -224,22 +235,43 @@ def export_peft(
             texts = [(DEFAULT_FOLD_TEXT, None)]
             fold_source = f"the default text {DEFAULT_FOLD_TEXT!r}"
         if texts:
-            totals: dict[str, dict[str, list]] = {}
+            totals: dict[str, Any] = {}
             with op_context():
                 for example in texts:
                     ids, mask = _encode(tokenizer, [example], model_device, max_length)
-                    for layer, ops in collect_sigma_means(model, ids, mask).items():
-                        for op, (total, count) in ops.items():
-                            slot = totals.setdefault(layer, {}).setdefault(op, [0.0, 0])
-                            slot[0] = slot[0] + total
-                            slot[1] += count
-            stats = {layer: {op: t / max(c, 1) for op, (t, c) in ops.items()} for layer, ops in totals.items()}
+                    add_moments(totals, collect_fold_moments(model, ids, mask))
+            means, moments = normalise_moments(totals)
         else:
-            stats = state.fold_stats or {}
+            means, moments = state.fold_stats or {}, state.fold_moments or {}
+        has_moments = all(op in moments.get(name, {}) for name, op in tarp_kept.items() if op in means.get(name, {}))
+        fold_method = "least_squares" if has_moments else "mean"
+        if not has_moments:
+            warnings.warn(
+                f"the meta-state {state.path} stores only the mean TARP fold statistics (written by an older deltameta); "
+                "folding TARP at the mean of Σ(x), which can lose much of the adapter's gain. Re-export with "
+                "task examples (--task-examples) or meta-train again for the least-squares fold.",
+                stacklevel=2,
+            )
+        candidates = {method: fold_points(means, moments if method == "least_squares" else None, method)
+                      for method in FOLD_METHODS if method == "mean" or has_moments}
         for name, op in tarp_kept.items():
             r = parse_op(op).rank
-            bar = stats.get(name, {}).get(op)
+            bar = candidates[fold_method].get(name, {}).get(op)
             sigma_bars[name] = {op: (bar if bar is not None else torch.zeros(r, r)).detach().float().cpu()}
+        fold_err = {"method": fold_method, "fold_source": fold_source}
+        if state.fold_heldout is not None:
+            kept_bars = {method: {name: {op: bars.get(name, {}).get(op, torch.zeros_like(sigma_bars[name][op]))}
+                                  for name, op in tarp_kept.items()} for method, bars in candidates.items()}
+            measured = fold_error(model, state.fold_heldout, kept_bars, op_context)
+            fold_err.update(
+                heldout="held-out meta-training examples stored in the meta-state (not used to fit the fold)",
+                relative_logit_error=measured["folds"][fold_method]["relative_logit_error"],
+                loss_gain_kept=measured["folds"][fold_method]["loss_gain_kept"],
+                **{k: v for k, v in measured.items()},
+            )
+        else:
+            fold_err["heldout"] = None
+            fold_err["note"] = "not measured: the meta-state holds no held-out examples"
 
     # Adapter tensors and sidecar.
     tensors: dict[str, torch.Tensor] = {}
@@ -301,16 +333,19 @@ def export_peft(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if sidecar:
             save_file(sidecar, str(tmp / SIDECAR))
-            meta = {"format": 1, "fold_source": fold_source, "layers": sidecar_layers}
+            meta = {"format": 1, "fold_source": fold_source, "fold_method": fold_method, "fold_error": fold_err,
+                    "layers": sidecar_layers}
             (tmp / SIDECAR_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if controller is not None:
             (tmp / "controller_decisions.txt").write_text(table, encoding="utf-8")
             controller.decision_heatmap(tmp / "controller_decisions.png", list(decisions.values()), probs,
                                         title=f"controller decisions ({controller.mode})")
-        card = _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, bool(sidecar))
+        card = _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, bool(sidecar),
+                           fold_err)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     logger.info("exported %d sublayers to %s", len(kept), out_dir)
-    return ExportResult(path=out_dir, decisions=decisions, sigma_bars=sigma_bars, fold_source=fold_source)
+    return ExportResult(path=out_dir, decisions=decisions, sigma_bars=sigma_bars, fold_source=fold_source,
+                        fold_method=fold_method, fold_error=fold_err)
 
 
 def _fmt(value: Any) -> str:
@@ -321,7 +356,27 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, has_sidecar) -> str:
+def describe_fold_error(fold_err: dict[str, Any] | None) -> str | None:
+    """One line on the TARP fold and its measured error (``None`` without TARP)."""
+    if not fold_err:
+        return None
+    method = fold_err["method"].replace("_", " ")
+    if fold_err.get("heldout") is None:
+        return f"TARP static fold: {method}; fold error {fold_err.get('note', 'not measured')}"
+    parts = []
+    for name, numbers in fold_err["folds"].items():
+        err, kept = numbers["relative_logit_error"], numbers["loss_gain_kept"]
+        parts.append(f"{name.replace('_', ' ')}: logit error {_pct(err)}, loss gain kept {_pct(kept)}")
+    return (f"TARP static fold: {method}; on {fold_err['examples']} held-out examples ({fold_err['answer_tokens']} answer "
+            f"tokens; loss base {fold_err['loss_base']:.4f}, dynamic {fold_err['loss_dynamic']:.4f}): " + "; ".join(parts))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, has_sidecar,
+                fold_err=None) -> str:
     base = state.base
     extra = state.extra
     config = state.delta_config
@@ -355,6 +410,10 @@ def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_sou
         f"- lora_alpha: {config.alpha}; ranks per sublayer in `rank_pattern`",
         f"- TARP fold point: {fold_source}",
     ]
+    fold_line = describe_fold_error(fold_err)
+    if fold_line:
+        lines.append(f"- {fold_line} (relative logit error = ||static - dynamic|| / ||dynamic - base|| over the "
+                     "tokens; loss gain kept = (loss base - loss static) / (loss base - loss dynamic))")
     if embedding_source:
         lines.append(f"- structure chosen from: {embedding_source}")
     if has_sidecar:
@@ -454,7 +513,7 @@ def load_meta_adapter(base_model: nn.Module, directory: str | Path, adapter_name
 
     Returns:
         The ``PeftModel``; with a sidecar, forward hooks on the LoRA modules add
-        ``s B (Σ(x) - Σ̄) A x`` (and ``m ⊙ W0 x``), so it computes the meta-trained (dynamic) model.
+        ``s B (Σ(x) - M) A x`` (and ``m ⊙ W0 x``), so it computes the meta-trained (dynamic) model.
         The hook handles are in ``peft_model.deltameta_hooks``.
 
     Raises:

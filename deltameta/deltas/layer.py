@@ -216,17 +216,28 @@ class DeltaLinear(nn.Module):
         source = z if self.sigma_input == "projected" else xs
         s = torch.matmul(source, w.transpose(-1, -2))
         s = s.reshape(*s.shape[:-1], r, r)
+        u = z + torch.matmul(s, z.unsqueeze(-1)).squeeze(-1)
         if self._sigma_stats is not None and not batched:
-            self._collect(spec.name, s)
-        return z + torch.matmul(s, z.unsqueeze(-1)).squeeze(-1)
+            self._collect(spec.name, s, z, u)
+        return u
 
-    def _collect(self, name: str, s: torch.Tensor) -> None:
+    def _collect(self, name: str, s: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> None:
+        """Accumulate the fold statistics of one forward (see ``collect_fold_moments``).
+
+        Always the sum of ``Σ(x) - I`` over tokens (mean fold); with ``stats["moments"]`` also the
+        sums of ``z zᵀ`` and ``u zᵀ`` (``u = Σ(x) z``) in float64 (least-squares fold).
+        """
         stats = self._sigma_stats
         s = s.detach().float()
         mask = stats.get("mask")
-        if mask is not None and tuple(mask.shape) == tuple(s.shape[:-2]):
-            s = s[mask.bool()]
-        else:
-            s = s.reshape(-1, *s.shape[-2:])
+        keep = mask.bool() if mask is not None and tuple(mask.shape) == tuple(s.shape[:-2]) else None
+        flat = (lambda t: t[keep]) if keep is not None else (lambda t: t.reshape(-1, t.shape[-1]))
+        s = s[keep] if keep is not None else s.reshape(-1, *s.shape[-2:])
         total, count = stats["sums"].get(name, (0.0, 0))
         stats["sums"][name] = (s.sum(0) + total, count + s.shape[0])
+        moments = stats.get("moments")
+        if moments is not None:
+            zf = flat(z.detach().double())
+            uf = flat(u.detach().double())
+            zz, uz = moments.get(name, (0.0, 0.0))
+            moments[name] = (zf.T @ zf + zz, uf.T @ zf + uz)

@@ -183,8 +183,41 @@ def collect_sigma_means(
     Returns:
         ``{layer name: {op: (sum [r, r], token count)}}`` for layers with TARP ops.
     """
+    stats = _collect_tarp_stats(model, input_ids, attention_mask, False, **forward_kwargs)
+    return {name: dict(entry["sums"]) for name, entry in stats.items() if entry["sums"]}
+
+
+@torch.no_grad()
+def collect_fold_moments(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **forward_kwargs
+) -> dict[str, dict[str, dict[str, torch.Tensor | int]]]:
+    """Run ``model`` once and return, per TARP op, the sums that the least-squares fold needs.
+
+    With ``z = A x`` and ``u = Σ(x) z`` per non-pad token: ``sigma`` (sum of ``Σ(x) - I``,
+    ``[r, r]``), ``zz`` (sum of ``z zᵀ``), ``uz`` (sum of ``u zᵀ``), both float64, and
+    ``count`` (tokens). Sums over several calls add up; see :mod:`deltameta.deltas.fold`.
+
+    Args:
+        model: Model with injected deltas (op weights already set when a controller is used).
+        input_ids: ``[B, L]``.
+        attention_mask: ``[B, L]``; tokens where it is 0 are not counted.
+        **forward_kwargs: Passed to ``model``.
+
+    Returns:
+        ``{layer name: {op: {"sigma", "zz", "uz", "count"}}}`` for layers with active TARP ops.
+    """
+    stats = _collect_tarp_stats(model, input_ids, attention_mask, True, **forward_kwargs)
+    out: dict[str, dict[str, dict[str, torch.Tensor | int]]] = {}
+    for name, entry in stats.items():
+        for op, (total, count) in entry["sums"].items():
+            zz, uz = entry["moments"][op]
+            out.setdefault(name, {})[op] = {"sigma": total, "zz": zz, "uz": uz, "count": count}
+    return out
+
+
+def _collect_tarp_stats(model, input_ids, attention_mask, moments: bool, **forward_kwargs) -> dict[str, dict]:
     layers = {n: l for n, l in delta_layers(model).items() if len(l.tarp_sigma)}
-    stats = {name: {"mask": attention_mask, "sums": {}} for name in layers}
+    stats = {name: {"mask": attention_mask, "sums": {}, **({"moments": {}} if moments else {})} for name in layers}
     try:
         for name, layer in layers.items():
             layer._sigma_stats = stats[name]
@@ -192,7 +225,7 @@ def collect_sigma_means(
     finally:
         for layer in layers.values():
             layer._sigma_stats = None
-    return {name: dict(stats[name]["sums"]) for name in layers if stats[name]["sums"]}
+    return stats
 
 
 @torch.no_grad()

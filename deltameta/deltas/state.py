@@ -6,7 +6,11 @@ A meta-state directory holds
 * ``deltas.safetensors``: the delta parameters, under their ``model.named_parameters()`` names;
 * ``controller.safetensors`` + ``controller.json``: the architecture controller (if any);
 * ``fold_stats.safetensors``: TARP fold statistics (optional): ``"<layer>::<op>"`` -> mean of
-  ``Σ(x) - I`` over meta-training tokens, and ``"__task_embedding__"`` -> mean task embedding;
+  ``Σ(x) - I`` over meta-training tokens, ``"<layer>::<op>::zz"`` / ``"::uz"`` -> ``E[z zᵀ]`` /
+  ``E[u zᵀ]`` (float64, for the least-squares fold, see :mod:`deltameta.deltas.fold`; absent in
+  meta-states of older versions, which export with the mean fold), ``"__heldout__::<key>"`` ->
+  held-out encoded examples (``input_ids``, ``attention_mask``, ``labels``) on which the export
+  measures the fold error, and ``"__task_embedding__"`` -> mean task embedding;
 * ``base.json``: ``model.deltameta_base.to_dict()``;
 * ``meta_state.json``: free-form extras (recipe, metrics, task distribution, ...).
 
@@ -31,6 +35,8 @@ from deltameta.errors import MetaStateError
 
 FINAL_DIR = "final"
 TASK_EMBEDDING_KEY = "__task_embedding__"
+HELDOUT_PREFIX = "__heldout__::"
+MOMENT_KEYS = ("zz", "uz")
 
 
 @dataclasses.dataclass
@@ -47,6 +53,10 @@ class MetaState:
         controller_meta: ``controller.json`` (see ``ArchController.metadata``), or ``None``.
         fold_stats: ``{layer: {op: mean Σ - I}}`` or ``None``.
         task_embedding_mean: Mean task embedding over meta-training, or ``None``.
+        fold_moments: ``{layer: {op: {"zz": E[z zᵀ], "uz": E[u zᵀ]}}}`` (least-squares fold) or
+            ``None``.
+        fold_heldout: Held-out encoded examples ``{input_ids, attention_mask, labels}`` for
+            measuring the fold error, or ``None``.
     """
 
     path: Path
@@ -58,6 +68,8 @@ class MetaState:
     controller_meta: dict[str, Any] | None = None
     fold_stats: dict[str, dict[str, torch.Tensor]] | None = None
     task_embedding_mean: torch.Tensor | None = None
+    fold_moments: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None
+    fold_heldout: dict[str, torch.Tensor] | None = None
 
 
 def save_meta_state(
@@ -68,6 +80,8 @@ def save_meta_state(
     extra: dict[str, Any] | None = None,
     fold_stats: dict[str, dict[str, torch.Tensor]] | None = None,
     task_embedding_mean: torch.Tensor | None = None,
+    fold_moments: dict[str, dict[str, dict[str, Any]]] | None = None,
+    fold_heldout: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a meta-state atomically (a reader sees the old directory or the complete new one).
 
@@ -79,6 +93,10 @@ def save_meta_state(
         extra: JSON-serialisable extras (recipe, metrics, task distribution, ...).
         fold_stats: ``{layer: {op: mean of Σ(x) - I}}`` over meta-training tokens (TARP fold point).
         task_embedding_mean: Mean task embedding (export's default input to a task controller).
+        fold_moments: ``{layer: {op: {"zz": E[z zᵀ], "uz": E[u zᵀ]}}}`` over the same tokens
+            (least-squares fold).
+        fold_heldout: Encoded held-out examples (``input_ids``, ``attention_mask``, ``labels``)
+            not used for the fold statistics; the export measures the fold error on them.
 
     Returns:
         The directory.
@@ -104,6 +122,12 @@ def save_meta_state(
         for layer, ops in (fold_stats or {}).items():
             for op, value in ops.items():
                 stats[f"{layer}::{op}"] = value.detach().to("cpu", torch.float32).contiguous()
+        for layer, ops in (fold_moments or {}).items():
+            for op, entry in ops.items():
+                for key in MOMENT_KEYS:
+                    stats[f"{layer}::{op}::{key}"] = entry[key].detach().to("cpu", torch.float64).contiguous()
+        for key, value in (fold_heldout or {}).items():
+            stats[HELDOUT_PREFIX + key] = value.detach().to("cpu").contiguous()
         if task_embedding_mean is not None:
             stats[TASK_EMBEDDING_KEY] = task_embedding_mean.detach().to("cpu", torch.float32).contiguous()
         if stats:
@@ -161,13 +185,26 @@ def load_meta_state(directory: str | Path) -> MetaState:
         state.controller_meta = read_json("controller.json")
     if (path / "fold_stats.safetensors").is_file():
         stats: dict[str, dict[str, torch.Tensor]] = {}
+        moments: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        heldout: dict[str, torch.Tensor] = {}
         for key, value in load_file(str(path / "fold_stats.safetensors")).items():
             if key == TASK_EMBEDDING_KEY:
                 state.task_embedding_mean = value
                 continue
+            if key.startswith(HELDOUT_PREFIX):
+                heldout[key.removeprefix(HELDOUT_PREFIX)] = value
+                continue
             layer, _, op = key.partition("::")
-            stats.setdefault(layer, {})[op] = value
+            op, _, moment = op.partition("::")
+            if moment:
+                moments.setdefault(layer, {}).setdefault(op, {})[moment] = value
+            else:
+                stats.setdefault(layer, {})[op] = value
         state.fold_stats = stats or None
+        complete = {layer: {op: entry for op, entry in ops.items() if set(MOMENT_KEYS) <= set(entry)}
+                    for layer, ops in moments.items()}
+        state.fold_moments = {layer: ops for layer, ops in complete.items() if ops} or None
+        state.fold_heldout = heldout if {"input_ids", "attention_mask", "labels"} <= set(heldout) else None
     return state
 
 
