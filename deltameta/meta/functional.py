@@ -356,6 +356,7 @@ def adapt(
     optimizer: str = "sgd",
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    graph_from: int = 0,
 ) -> Params:
     """Adapt ``params`` to a task with ``steps`` optimizer steps on its support batch.
 
@@ -378,6 +379,9 @@ def adapt(
             :func:`adam_step`).
         betas: Adam's ``(beta1, beta2)`` (``adam`` only).
         eps: Adam's epsilon (``adam`` only).
+        graph_from: With ``first_order=False``, the inner gradients of the steps before this
+            (0-based) step are detached all the same. Exact Meta-SGD rate gradients use 1: the
+            first step's gradient does not depend on the rates, so its graph is not needed.
 
     Returns:
         The adapted ``name -> tensor`` dict.
@@ -392,15 +396,16 @@ def adapt(
     for name, p in params.items():
         current[name] = p if p.requires_grad else p.detach().requires_grad_(True)
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             loss = loss_fn(current, support_batch)
             if losses is not None:
                 losses.append(float(loss.detach()))
+            detach = first_order or step < graph_from
             if optimizer == "adam":
-                current = adam_step(current, loss, lr, state, first_order=first_order, clip=clip, task_dim=task_dim,
+                current = adam_step(current, loss, lr, state, first_order=detach, clip=clip, task_dim=task_dim,
                                     betas=betas, eps=eps)
             else:
-                current = sgd_step(current, loss, lr, first_order=first_order, clip=clip, task_dim=task_dim)
+                current = sgd_step(current, loss, lr, first_order=detach, clip=clip, task_dim=task_dim)
     return current
 
 

@@ -159,7 +159,8 @@ class MetaTrainer:
         self.params = delta_parameters(self.model)
         self.controller = ArchController.for_model(self.model, self.delta_config) if c.controller != "none" else None
         inner = InnerLoop(steps=c.inner_steps, lr=c.inner_lr, first_order=c.is_first_order(), clip=c.inner_clip or None,
-                          optimizer=c.inner_optimizer)
+                          optimizer=c.inner_optimizer, metasgd_rates=c.metasgd_rates,
+                          metasgd_rate_grad=c.metasgd_rate_grad)
         self.algorithm: MetaAlgorithm = make_algorithm(
             c.algorithm, self.model, self.params, inner,
             loss_fn_factory=lambda m, groups: _lm_loss_fn(m, groups),
@@ -290,6 +291,7 @@ class MetaTrainer:
             if c.meta_clip > 0:
                 row["meta_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
             self.optimizer.step()
+            self.algorithm.after_outer_step()
             if self.controller_optimizer is not None:
                 self.controller_optimizer.step()
         else:
