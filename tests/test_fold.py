@@ -70,6 +70,31 @@ def test_least_squares_fold_is_closer_than_mean_on_heldout_inputs(sigma_input):
     assert result["answer_tokens"] > 0 and result["loss_base"] != result["loss_dynamic"]
 
 
+@pytest.mark.parametrize("delta", ["tarp", "lora"])
+def test_least_squares_fold_of_the_multiplicative_term_is_closer_than_leaving_it_out(delta):
+    from deltameta.deltas.fold import multiplicative_offsets
+
+    model, tokenizer = load_base("tiny-random-llama", quantization="none", device="cpu")
+    inject_deltas(model, DeltaConfig(delta=delta, rank=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                     multiplicative=True))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in delta_parameters(model).items():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "tarp_sigma" in name else 0.2))
+    totals = {}
+    for text in FIT_TEXTS:
+        batch = tokenizer([text], return_tensors="pt")
+        add_moments(totals, collect_fold_moments(model, batch["input_ids"], batch["attention_mask"]))
+    means, moments = normalise_moments(totals)
+    assert len(moments) == 6 and all("yz" in entry for ops in moments.values() for entry in ops.values())
+    ops = {name: next(iter(entries)) for name, entries in moments.items()}
+    offsets = {"least_squares": multiplicative_offsets(model, moments, ops), "mean": {}}
+    folds = {method: fold_points(means, moments, method) for method in ("least_squares", "mean")}
+    result = fold_error(model, _heldout(tokenizer, HELDOUT_TEXTS), folds, offsets=offsets)
+    ls, mean = result["folds"]["least_squares"], result["folds"]["mean"]
+    assert 0 < ls["relative_logit_error"] < mean["relative_logit_error"]
+
+
 @pytest.fixture(scope="module")
 def trained_tarp_run(tmp_path_factory):
     from deltameta.meta.trainer import run_meta_train

@@ -11,8 +11,9 @@ PEFT's ``PeftType`` enum is closed, so the export is plain ``LORA``:
   else the mean over :data:`DEFAULT_FOLD_TEXT` (a short neutral text). The exact dynamic
   remainder ``s B (Σ(x) - M) A x`` goes to the sidecar ``deltameta_tarp.safetensors`` (+
   ``deltameta_tarp.json``), which :func:`load_meta_adapter` re-attaches on top of ``PeftModel``.
-* The multiplicative (IA3-like) term is not expressible in LoRA: it is kept in the sidecar only
-  (a warning says so).
+* The multiplicative (IA3-like) term is not expressible in LoRA: the least-squares fold adds its
+  projection on the span of ``A x`` to ``lora_B`` (:mod:`deltameta.deltas.fold`); the exact term is
+  kept in the sidecar only (a warning says so).
 
 The adapter is never merged into the base (merging into a 4-bit base would requantize and destroy
 a small delta).
@@ -35,7 +36,14 @@ from torch import nn
 
 from deltameta.atomic import atomic_directory
 from deltameta.deltas.config import parse_op
-from deltameta.deltas.fold import FOLD_METHODS, add_moments, fold_error, fold_points, normalise_moments
+from deltameta.deltas.fold import (
+    FOLD_METHODS,
+    add_moments,
+    fold_error,
+    fold_points,
+    multiplicative_offsets,
+    normalise_moments,
+)
 from deltameta.deltas.model import collect_fold_moments, delta_layers, task_embedding
 from deltameta.deltas.state import MetaState, build_from_meta_state, load_meta_state
 from deltameta.errors import DataError, DeltametaError, ModelLoadError
@@ -62,6 +70,9 @@ class ExportResult:
             meta-state holds held-out examples, the measured ``relative_logit_error`` and
             ``loss_gain_kept`` of the exported fold plus every fold's numbers under ``folds``
             (see :func:`deltameta.deltas.fold.fold_error`).
+        b_offsets: ``{sublayer: {op: D}}`` added to ``lora_B``: the least-squares projection of
+            the multiplicative term (empty without it); ``static_export(model, sigma_bars,
+            b_offsets)`` computes what the export computes.
     """
 
     path: Path
@@ -70,6 +81,7 @@ class ExportResult:
     fold_source: str
     fold_method: str = "none"
     fold_error: dict[str, Any] | None = None
+    b_offsets: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def load_task_examples(source: str | Path | Sequence[str] | Sequence[dict]) -> list[tuple[str, str | None]]:
@@ -224,12 +236,13 @@ def export_peft(
     fold_source = "none (no TARP op exported)"
     fold_method = "none"
     fold_err: dict[str, Any] | None = None
+    b_offsets: dict[str, dict[str, torch.Tensor]] = {}
     tarp_kept = {name: op for name, op in kept.items() if parse_op(op).kind == "tarp"}
-    if tarp_kept:
+    if tarp_kept or config.multiplicative:
         texts = [(t, None) for t in fold_inputs] if fold_inputs else examples
         if texts:
             fold_source = "the given fold inputs" if fold_inputs else "the given task examples"
-        elif state.fold_stats:
+        elif state.fold_stats or state.fold_moments:
             fold_source = "fold statistics stored during meta-training"
         else:
             texts = [(DEFAULT_FOLD_TEXT, None)]
@@ -244,8 +257,10 @@ def export_peft(
         else:
             means, moments = state.fold_stats or {}, state.fold_moments or {}
         has_moments = all(op in moments.get(name, {}) for name, op in tarp_kept.items() if op in means.get(name, {}))
+        if config.multiplicative and not moments:
+            has_moments = False
         fold_method = "least_squares" if has_moments else "mean"
-        if not has_moments:
+        if tarp_kept and not has_moments:
             warnings.warn(
                 f"the meta-state {state.path} stores only the mean TARP fold statistics (written by an older deltameta); "
                 "folding TARP at the mean of Σ(x), which can lose much of the adapter's gain. Re-export with "
@@ -258,11 +273,15 @@ def export_peft(
             r = parse_op(op).rank
             bar = candidates[fold_method].get(name, {}).get(op)
             sigma_bars[name] = {op: (bar if bar is not None else torch.zeros(r, r)).detach().float().cpu()}
+        offsets = {"mean": {}}
+        if has_moments and config.multiplicative:
+            offsets["least_squares"] = multiplicative_offsets(model, moments, kept)
+        b_offsets = offsets.get(fold_method, {})
         fold_err = {"method": fold_method, "fold_source": fold_source}
         if state.fold_heldout is not None:
             kept_bars = {method: {name: {op: bars.get(name, {}).get(op, torch.zeros_like(sigma_bars[name][op]))}
                                   for name, op in tarp_kept.items()} for method, bars in candidates.items()}
-            measured = fold_error(model, state.fold_heldout, kept_bars, op_context)
+            measured = fold_error(model, state.fold_heldout, kept_bars, op_context, offsets=offsets)
             fold_err.update(
                 heldout="held-out meta-training examples stored in the meta-state (not used to fit the fold)",
                 relative_logit_error=measured["folds"][fold_method]["relative_logit_error"],
@@ -293,6 +312,11 @@ def export_peft(
             sidecar[f"{name}.sigma_bar"] = sigma_bars[name][op].contiguous()
         if config.multiplicative:
             sidecar[f"{name}.mult"] = layer.mult[op].detach().float().cpu().contiguous()
+        offset = b_offsets.get(name, {}).get(op)
+        if offset is not None:  # least-squares projection of the multiplicative term (removed by the sidecar hook)
+            folded_b = folded_b + offset
+            sidecar[f"{name}.lora_A"] = a.contiguous()
+            sidecar[f"{name}.fold_b_offset"] = offset.contiguous()
         if spec.kind == "tarp" or config.multiplicative:
             sidecar_layers[name] = {
                 "op": op,
@@ -308,7 +332,8 @@ def export_peft(
         alpha_pattern[name] = config.alpha
     if config.multiplicative:
         warnings.warn(
-            "the multiplicative (IA3-like) term cannot be expressed as LoRA; it is saved only in the sidecar "
+            "the multiplicative (IA3-like) term cannot be expressed as LoRA; plain PEFT gets only its least-squares "
+            "projection folded into lora_B. The exact term is saved only in the sidecar "
             f"{SIDECAR} and applied by deltameta.load_meta_adapter, not by plain PeftModel.from_pretrained.",
             stacklevel=2,
         )
@@ -345,7 +370,7 @@ def export_peft(
         (tmp / "README.md").write_text(card, encoding="utf-8")
     logger.info("exported %d sublayers to %s", len(kept), out_dir)
     return ExportResult(path=out_dir, decisions=decisions, sigma_bars=sigma_bars, fold_source=fold_source,
-                        fold_method=fold_method, fold_error=fold_err)
+                        fold_method=fold_method, fold_error=fold_err, b_offsets=b_offsets)
 
 
 def _fmt(value: Any) -> str:
@@ -550,16 +575,17 @@ def _dynamic_hook(info: dict[str, Any], parts: dict[str, torch.Tensor]):
         x = args[0]
         dtype = x.dtype
         extra = None
+        z = x @ parts["lora_A"].to(dtype).T if "lora_A" in parts else None
         if tarp:
-            a = parts["lora_A"].to(dtype)
             b = parts["lora_B"].to(dtype)
-            z = x @ a.T
             s = ((z if projected else x) @ parts["tarp_sigma"].to(dtype).T)
             s = s.reshape(*s.shape[:-1], rank, rank) - parts["sigma_bar"].to(dtype)
             extra = (torch.matmul(s, z.unsqueeze(-1)).squeeze(-1) @ b.T) * scaling
         if "mult" in parts:
             base_out = module.base_layer(x).to(dtype)
             term = base_out * parts["mult"].to(dtype)
+            if "fold_b_offset" in parts:  # the export holds s D A x in place of m ⊙ W0 x
+                term = term - (z @ parts["fold_b_offset"].to(dtype).T) * scaling
             extra = term if extra is None else extra + term
         return output if extra is None else output + extra.to(output.dtype)
 

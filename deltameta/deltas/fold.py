@@ -12,8 +12,11 @@ point", ``sigma_bars`` in :func:`deltameta.deltas.export.export_peft`):
   ``M = Σ̄ + (C_uz - Σ̄ C_zz)(C_zz + λ I)⁻¹`` with ``λ = eps · tr(C_zz) / r``, so that
   directions of ``z`` the fold tokens never span (a rank-deficient ``C_zz``) keep the mean fold.
 
-The multiplicative (IA3-like) term is not part of the fold: it has no LoRA form and stays in the
-sidecar (the export warns).
+The multiplicative (IA3-like) term ``m ⊙ W0 x`` has no LoRA form. The least-squares fold
+projects it on the span of ``z`` too: with ``y = W0 x`` and ``C_yz = E[y zᵀ]``, the static
+``lora_B' = B M + D`` with ``D = diag(m) C_yz (C_zz + λ I)⁻¹ / s`` minimises
+``E||s B Σ(x) z + m ⊙ y - s B' z||²`` (for LoRA ops ``Σ(x) = I``, ``M = I``). The exact term stays
+in the sidecar (the export warns); the mean fold leaves it out (``D = 0``).
 
 :func:`fold_error` measures a fold on held-out inputs (inputs not used to fit it).
 """
@@ -58,10 +61,11 @@ def normalise_moments(totals: Moments) -> tuple[dict[str, dict[str, torch.Tensor
     for layer, ops in totals.items():
         for op, entry in ops.items():
             count = max(int(entry["count"]), 1)
-            means.setdefault(layer, {})[op] = (entry["sigma"] / count).float()
+            if "sigma" in entry:
+                means.setdefault(layer, {})[op] = (entry["sigma"] / count).float()
             if "zz" in entry:
-                moments.setdefault(layer, {})[op] = {"zz": entry["zz"] / count, "uz": entry["uz"] / count,
-                                                    "count": int(entry["count"])}
+                moments.setdefault(layer, {})[op] = {k: entry[k] / count for k in ("zz", "uz", "yz") if k in entry}
+                moments[layer][op]["count"] = int(entry["count"])
     return means, moments
 
 
@@ -81,14 +85,46 @@ def least_squares_fold(sigma_mean: torch.Tensor, zz: torch.Tensor, uz: torch.Ten
     zz = zz.double()
     uz = uz.double()
     bar = torch.eye(r, dtype=torch.float64) + sigma_mean.double()
-    trace = float(torch.diagonal(zz).sum())
-    if not math.isfinite(trace) or trace <= 0:
+    ridge = _ridge(zz, eps)
+    if ridge is None:
         return sigma_mean.float()
-    ridge = zz + (eps * trace / r) * torch.eye(r, dtype=torch.float64)
     residual = uz - bar @ zz
     # X (zz + λI) = residual  <=>  (zz + λI) Xᵀ = residualᵀ (zz is symmetric)
     correction = torch.linalg.solve(ridge, residual.T).T
     return (bar + correction - torch.eye(r, dtype=torch.float64)).float()
+
+
+def _ridge(zz: torch.Tensor, eps: float) -> torch.Tensor | None:
+    r = zz.shape[-1]
+    trace = float(torch.diagonal(zz).sum())
+    if not math.isfinite(trace) or trace <= 0:
+        return None
+    return zz.double() + (eps * trace / r) * torch.eye(r, dtype=torch.float64)
+
+
+def multiplicative_offset(m: torch.Tensor, zz: torch.Tensor, yz: torch.Tensor, scaling: float,
+                          eps: float = RIDGE_EPS) -> torch.Tensor:
+    """Return ``D = diag(m) C_yz (C_zz + λ I)⁻¹ / s`` (``[out, r]``, float32; zeros if ``C_zz = 0``)."""
+    ridge = _ridge(zz, eps)
+    if ridge is None:
+        return torch.zeros(yz.shape, dtype=torch.float32)
+    solved = torch.linalg.solve(ridge, yz.double().T).T  # C_yz (C_zz + λI)⁻¹
+    return (m.double().unsqueeze(-1) * solved / scaling).float()
+
+
+def multiplicative_offsets(model: nn.Module, moments: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                           kept: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: {op: D}}`` of the least-squares fold of the multiplicative term for the ``kept`` ops."""
+    layers = delta_layers(model)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, op in kept.items():
+        layer = layers[name]
+        entry = moments.get(name, {}).get(op)
+        if not layer.multiplicative or entry is None or "yz" not in entry:
+            continue
+        m = layer.mult[op].detach().cpu()
+        out.setdefault(name, {})[op] = multiplicative_offset(m, entry["zz"].cpu(), entry["yz"].cpu(), layer.scaling[op])
+    return out
 
 
 def fold_points(
@@ -123,6 +159,7 @@ def fold_error(
     folds: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
     op_context: Callable[[], ContextManager] | None = None,
     chunk: int = 4,
+    offsets: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
 ) -> dict[str, Any]:
     """Measure static folds against the dynamic (meta-trained) model on held-out inputs.
 
@@ -137,6 +174,7 @@ def fold_error(
         folds: ``{method: {layer: {op: M - I}}}``.
         op_context: Factory of the context that sets the exported structure (controller op weights).
         chunk: Examples per forward.
+        offsets: ``{method: {layer: {op: D}}}`` (multiplicative term, see the module docstring).
 
     Returns:
         ``{"examples", "tokens", "answer_tokens", "loss_base", "loss_dynamic", "folds": {method:
@@ -167,7 +205,8 @@ def fold_error(
                 base = model(**kwargs).logits.float()
             statics = {}
             for method, bars in folds.items():
-                with static_export(model, {l: {o: b.to(device) for o, b in ops.items()} for l, ops in bars.items()}):
+                moved = {l: {o: b.to(device) for o, b in ops.items()} for l, ops in (offsets or {}).get(method, {}).items()}
+                with static_export(model, {l: {o: b.to(device) for o, b in ops.items()} for l, ops in bars.items()}, moved):
                     statics[method] = model(**kwargs).logits.float()
         change += float((dynamic - base)[keep].pow(2).sum())
         loss_sum["base"] += loss_of(base)

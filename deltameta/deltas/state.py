@@ -7,7 +7,7 @@ A meta-state directory holds
 * ``controller.safetensors`` + ``controller.json``: the architecture controller (if any);
 * ``fold_stats.safetensors``: TARP fold statistics (optional): ``"<layer>::<op>"`` -> mean of
   ``Σ(x) - I`` over meta-training tokens, ``"<layer>::<op>::zz"`` / ``"::uz"`` -> ``E[z zᵀ]`` /
-  ``E[u zᵀ]`` (float64, for the least-squares fold, see :mod:`deltameta.deltas.fold`; absent in
+  ``E[u zᵀ]`` (and ``"::yz"`` -> ``E[W0x zᵀ]`` with the multiplicative term) (float64, for the least-squares fold, see :mod:`deltameta.deltas.fold`; absent in
   meta-states of older versions, which export with the mean fold), ``"__heldout__::<key>"`` ->
   held-out encoded examples (``input_ids``, ``attention_mask``, ``labels``) on which the export
   measures the fold error, and ``"__task_embedding__"`` -> mean task embedding;
@@ -124,8 +124,9 @@ def save_meta_state(
                 stats[f"{layer}::{op}"] = value.detach().to("cpu", torch.float32).contiguous()
         for layer, ops in (fold_moments or {}).items():
             for op, entry in ops.items():
-                for key in MOMENT_KEYS:
-                    stats[f"{layer}::{op}::{key}"] = entry[key].detach().to("cpu", torch.float64).contiguous()
+                for key in (*MOMENT_KEYS, "yz"):
+                    if key in entry:
+                        stats[f"{layer}::{op}::{key}"] = entry[key].detach().to("cpu", torch.float64).contiguous()
         for key, value in (fold_heldout or {}).items():
             stats[HELDOUT_PREFIX + key] = value.detach().to("cpu").contiguous()
         if task_embedding_mean is not None:

@@ -451,7 +451,7 @@ class MetaTrainer:
         return {
             "fold_stats": means or None,
             "fold_moments": moments or None,
-            "fold_heldout": concat_batches(heldout, self.pad_id) if means and len(sizes) == 1 else None,
+            "fold_heldout": concat_batches(heldout, self.pad_id) if (means or moments) and len(sizes) == 1 else None,
             "task_embedding_mean": torch.stack(embeddings).mean(0),
         }
 
