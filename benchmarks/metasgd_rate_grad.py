@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[1, 2, 5])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rates", default="tensor", choices=["tensor", "element"])
+    parser.add_argument("--task-loop", action="store_true", help="task_batched=false (one task's graph at a time)")
     parser.add_argument("--finite-differences", action="store_true")
     args = parser.parse_args()
     if args.finite_differences:
@@ -56,6 +57,7 @@ def main() -> None:
                 config = build_config(MetaTrainConfig, overrides=dict(
                     model=args.model, quantization=args.quantization, algorithm="metasgd", inner_steps=k,
                     metasgd_rates=args.rates, metasgd_rate_grad=mode, outer_steps=args.steps + 1, eval_every=0,
+                    task_batched=not args.task_loop,
                     checkpoint_every=0, export=False, plots=False, progress=False, output_dir=tmp + "/run"))
                 trainer = MetaTrainer(config, prepare_run_dir(config.output_dir))
                 trainer.train_step()  # warm-up

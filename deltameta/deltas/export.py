@@ -6,9 +6,10 @@ PEFT's ``PeftType`` enum is closed, so the export is plain ``LORA``:
   ``rank_pattern`` / ``alpha_pattern``); sublayers where the controller chose ``skip`` are left out.
 * TARP ops are folded: ``lora_B' = B M`` with ``M`` the least-squares fold of ``Σ(x)`` over the
   tokens of the fold inputs (:mod:`deltameta.deltas.fold`; the mean of ``Σ(x)`` for meta-states
-  without the least-squares statistics), its error measured on held-out examples. The fold point is, in order of preference: the given ``fold_inputs``, else the
-  ``task_examples``, else the fold statistics stored in the meta-state during meta-training,
-  else the mean over :data:`DEFAULT_FOLD_TEXT` (a short neutral text). The exact dynamic
+  without the least-squares statistics); its error is measured on the held-out examples stored in
+  the meta-state (:attr:`ExportResult.fold_error`). The fold inputs are, in order of preference:
+  the given ``fold_inputs``, else the ``task_examples``, else the fold statistics stored in the
+  meta-state during meta-training, else :data:`DEFAULT_FOLD_TEXT` (a short neutral text). The exact dynamic
   remainder ``s B (Σ(x) - M) A x`` goes to the sidecar ``deltameta_tarp.safetensors`` (+
   ``deltameta_tarp.json``), which :func:`load_meta_adapter` re-attaches on top of ``PeftModel``.
 * The multiplicative (IA3-like) term is not expressible in LoRA: the least-squares fold adds its
@@ -63,10 +64,11 @@ class ExportResult:
     Attributes:
         path: The adapter directory.
         decisions: ``{sublayer: op}`` for every candidate (``skip`` included).
-        sigma_bars: ``{sublayer: {op: Σ̄ - I}}`` fold points of the exported TARP ops.
+        sigma_bars: ``{sublayer: {op: M - I}}`` fold matrices of the exported TARP ops.
         fold_source: Where the fold point came from.
-        fold_method: ``least_squares``, ``mean`` (older meta-states) or ``none`` (no TARP op).
-        fold_error: ``None`` without TARP; else ``method``, ``fold_source`` and, when the
+        fold_method: ``least_squares``, ``mean`` (older meta-states) or ``none`` (nothing to fold:
+            no TARP op, no multiplicative term).
+        fold_error: ``None`` with nothing to fold; else ``method``, ``fold_source`` and, when the
             meta-state holds held-out examples, the measured ``relative_logit_error`` and
             ``loss_gain_kept`` of the exported fold plus every fold's numbers under ``folds``
             (see :func:`deltameta.deltas.fold.fold_error`).
@@ -286,7 +288,7 @@ def export_peft(
                 heldout="held-out meta-training examples stored in the meta-state (not used to fit the fold)",
                 relative_logit_error=measured["folds"][fold_method]["relative_logit_error"],
                 loss_gain_kept=measured["folds"][fold_method]["loss_gain_kept"],
-                **{k: v for k, v in measured.items()},
+                **measured,
             )
         else:
             fold_err["heldout"] = None

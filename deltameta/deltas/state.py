@@ -7,8 +7,9 @@ A meta-state directory holds
 * ``controller.safetensors`` + ``controller.json``: the architecture controller (if any);
 * ``fold_stats.safetensors``: TARP fold statistics (optional): ``"<layer>::<op>"`` -> mean of
   ``Σ(x) - I`` over meta-training tokens, ``"<layer>::<op>::zz"`` / ``"::uz"`` -> ``E[z zᵀ]`` /
-  ``E[u zᵀ]`` (and ``"::yz"`` -> ``E[W0x zᵀ]`` with the multiplicative term) (float64, for the least-squares fold, see :mod:`deltameta.deltas.fold`; absent in
-  meta-states of older versions, which export with the mean fold), ``"__heldout__::<key>"`` ->
+  ``E[u zᵀ]`` and, with the multiplicative term, ``"::yz"`` -> ``E[W0 x zᵀ]`` (float64, for the
+  least-squares fold, see :mod:`deltameta.deltas.fold`; absent in meta-states of older versions,
+  which export with the mean fold), ``"__heldout__::<key>"`` ->
   held-out encoded examples (``input_ids``, ``attention_mask``, ``labels``) on which the export
   measures the fold error, and ``"__task_embedding__"`` -> mean task embedding;
 * ``base.json``: ``model.deltameta_base.to_dict()``;
@@ -53,8 +54,8 @@ class MetaState:
         controller_meta: ``controller.json`` (see ``ArchController.metadata``), or ``None``.
         fold_stats: ``{layer: {op: mean Σ - I}}`` or ``None``.
         task_embedding_mean: Mean task embedding over meta-training, or ``None``.
-        fold_moments: ``{layer: {op: {"zz": E[z zᵀ], "uz": E[u zᵀ]}}}`` (least-squares fold) or
-            ``None``.
+        fold_moments: ``{layer: {op: {"zz": E[z zᵀ], "uz": E[u zᵀ][, "yz": E[W0 x zᵀ]]}}}``
+            (least-squares fold) or ``None``.
         fold_heldout: Held-out encoded examples ``{input_ids, attention_mask, labels}`` for
             measuring the fold error, or ``None``.
     """
