@@ -447,11 +447,11 @@ class MetaTrainer:
                 add_moments(totals, collect_fold_moments(self.model, support["input_ids"], support["attention_mask"],
                                                          use_cache=False))
         means, moments = normalise_moments(totals)
-        sizes = {int(b["input_ids"].shape[0]) for b in heldout}
+        examples = [{k: v[i : i + 1] for k, v in b.items()} for b in heldout for i in range(int(b["input_ids"].shape[0]))]
         return {
             "fold_stats": means or None,
             "fold_moments": moments or None,
-            "fold_heldout": concat_batches(heldout, self.pad_id) if (means or moments) and len(sizes) == 1 else None,
+            "fold_heldout": concat_batches(examples, self.pad_id) if (means or moments) and examples else None,
             "task_embedding_mean": torch.stack(embeddings).mean(0),
         }
 
