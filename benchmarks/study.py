@@ -42,7 +42,7 @@ STUDY_KEYS = {"tasks": "builtin", "splits": "train=0.75,validation=0.25", "eval_
               "progress": "false"}
 SMOKE_KEYS = {"model": "tiny-random-llama", "quantization": "none", "builtin_tasks_per_family": 2,
               "builtin_examples_per_task": 24, "max_length": 64, "outer_steps": 2, "eval_tasks": 2, "rank": 2,
-              "ops": "[tarp-2,lora-2,skip]", "target_modules": "[q_proj,v_proj]", "checkpoint_every": 0}
+              "controller": "none", "target_modules": "[q_proj,v_proj]", "checkpoint_every": 0}
 SMOKE_EVAL = {"model": "tiny-random-llama", "quantization": "none", "episodes": 2, "query_size": 4,
               "max_length": 64, "max_tasks": 2, "plots": "false", "progress": "false"}
 

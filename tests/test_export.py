@@ -133,6 +133,7 @@ def test_round_trip_through_plain_peft_and_load_meta_adapter(tmp_path):
             warnings.simplefilter("always")
             result = export_peft(run, tmp_path / name / "adapter", **kwargs)
         assert any("multiplicative" in str(w.message) for w in caught) == config.multiplicative
+        assert bool(result.b_offsets) == config.multiplicative  # the least-squares fold projects the term on lora_B
         out = tmp_path / name / "adapter"
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
         adapter_cfg = json.loads((out / "adapter_config.json").read_text())
@@ -164,11 +165,11 @@ def test_round_trip_through_plain_peft_and_load_meta_adapter(tmp_path):
                 weights = controller.decision_weights(list(result.decisions.values()))
                 with controller.apply(model, weights):
                     dynamic = model(**batch).logits
-                    with static_export(model, result.sigma_bars):
+                    with static_export(model, result.sigma_bars, result.b_offsets):
                         static = model(**batch).logits
             else:
                 dynamic = model(**batch).logits
-                with static_export(model, result.sigma_bars):
+                with static_export(model, result.sigma_bars, result.b_offsets):
                     static = model(**batch).logits
         assert (dynamic - static).abs().max() > 1e-4  # the dynamic part is not trivial
 

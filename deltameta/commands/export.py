@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Export the finished meta-state of a run (RUN_DIR/final, or a meta-state directory) as a "
             "standard PEFT LoRA adapter: adapter_config.json, adapter_model.safetensors and a model card. "
-            "TARP deltas are folded into lora_B at a static point; their exact dynamic part goes to "
+            "TARP deltas are folded into lora_B with a least-squares static fold (its error on held-out "
+            "examples is printed and written to the card); their exact dynamic part goes to "
             "deltameta_tarp.safetensors (load it with deltameta.load_meta_adapter). The adapter is never "
             "merged into the base."
         ),
@@ -40,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``deltameta export``."""
-    from deltameta.deltas.export import export_peft
+    from deltameta.deltas.export import describe_fold_error, export_peft
     from deltameta.hub import check_can_push, push_to_hub
 
     if args.push_to_hub:
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     result = export_peft(args.run_dir, args.out, task_examples=args.task_examples, device=args.device)
     kept = sum(op != "skip" for op in result.decisions.values())
     print(f"exported {kept} of {len(result.decisions)} sublayers to {result.path}")
+    fold_line = describe_fold_error(result.fold_error)
+    if fold_line:
+        print(fold_line)
     if args.push_to_hub:
         url = push_to_hub(result.path, args.push_to_hub, private=args.private,
                           commit_message=f"deltameta export of {args.run_dir}")

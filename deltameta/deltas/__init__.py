@@ -6,6 +6,7 @@ from deltameta.deltas.export import ExportResult, export_peft, load_meta_adapter
 from deltameta.deltas.layer import DeltaLinear
 from deltameta.deltas.model import (
     apply_op_weights,
+    collect_fold_moments,
     collect_sigma_means,
     count_delta_parameters,
     delta_layers,
@@ -29,6 +30,7 @@ __all__ = [
     "apply_op_weights",
     "build_controller",
     "build_from_meta_state",
+    "collect_fold_moments",
     "collect_sigma_means",
     "count_delta_parameters",
     "delta_layers",

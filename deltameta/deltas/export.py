@@ -4,14 +4,17 @@ PEFT's ``PeftType`` enum is closed, so the export is plain ``LORA``:
 
 * LoRA ops are written as they are (``lora_A``, ``lora_B``, ``r``, ``lora_alpha`` per sublayer via
   ``rank_pattern`` / ``alpha_pattern``); sublayers where the controller chose ``skip`` are left out.
-* TARP ops are folded: ``lora_B' = B Σ̄`` with ``Σ̄`` the mean of ``Σ(x)`` over the tokens of the
-  fold inputs. The fold point is, in order of preference: the given ``fold_inputs``, else the
-  ``task_examples``, else the fold statistics stored in the meta-state during meta-training,
-  else the mean over :data:`DEFAULT_FOLD_TEXT` (a short neutral text). The exact dynamic
-  remainder ``s B (Σ(x) - Σ̄) A x`` goes to the sidecar ``deltameta_tarp.safetensors`` (+
+* TARP ops are folded: ``lora_B' = B M`` with ``M`` the least-squares fold of ``Σ(x)`` over the
+  tokens of the fold inputs (:mod:`deltameta.deltas.fold`; the mean of ``Σ(x)`` for meta-states
+  without the least-squares statistics); its error is measured on the held-out examples stored in
+  the meta-state (:attr:`ExportResult.fold_error`). The fold inputs are, in order of preference:
+  the given ``fold_inputs``, else the ``task_examples``, else the fold statistics stored in the
+  meta-state during meta-training, else :data:`DEFAULT_FOLD_TEXT` (a short neutral text). The exact dynamic
+  remainder ``s B (Σ(x) - M) A x`` goes to the sidecar ``deltameta_tarp.safetensors`` (+
   ``deltameta_tarp.json``), which :func:`load_meta_adapter` re-attaches on top of ``PeftModel``.
-* The multiplicative (IA3-like) term is not expressible in LoRA: it is kept in the sidecar only
-  (a warning says so).
+* The multiplicative (IA3-like) term is not expressible in LoRA: the least-squares fold adds its
+  projection on the span of ``A x`` to ``lora_B`` (:mod:`deltameta.deltas.fold`); the exact term is
+  kept in the sidecar only (a warning says so).
 * ``deltameta.json`` records the inner loop the adapter was meta-trained for (see
   :mod:`deltameta.deltas.inner_loop`), the delta config and the chosen structure; beside it
   ``deltameta_inner_lrs.safetensors`` (Meta-SGD's learned rates), ``deltameta_deltas.safetensors``
@@ -40,8 +43,16 @@ from torch import nn
 
 from deltameta.atomic import atomic_directory
 from deltameta.deltas.config import parse_op
+from deltameta.deltas.fold import (
+    FOLD_METHODS,
+    add_moments,
+    fold_error,
+    fold_points,
+    multiplicative_offsets,
+    normalise_moments,
+)
 from deltameta.deltas.inner_loop import EXPORT_RATES_FILE, save_rates
-from deltameta.deltas.model import collect_sigma_means, delta_layers, task_embedding
+from deltameta.deltas.model import collect_fold_moments, delta_layers, task_embedding
 from deltameta.deltas.state import MetaState, build_from_meta_state, load_meta_state
 from deltameta.errors import DataError, DeltametaError, ModelLoadError
 
@@ -68,14 +79,26 @@ class ExportResult:
     Attributes:
         path: The adapter directory.
         decisions: ``{sublayer: op}`` for every candidate (``skip`` included).
-        sigma_bars: ``{sublayer: {op: Σ̄ - I}}`` fold points of the exported TARP ops.
+        sigma_bars: ``{sublayer: {op: M - I}}`` fold matrices of the exported TARP ops.
         fold_source: Where the fold point came from.
+        fold_method: ``least_squares``, ``mean`` (older meta-states) or ``none`` (nothing to fold:
+            no TARP op, no multiplicative term).
+        fold_error: ``None`` with nothing to fold; else ``method``, ``fold_source`` and, when the
+            meta-state holds held-out examples, the measured ``relative_logit_error`` and
+            ``loss_gain_kept`` of the exported fold plus every fold's numbers under ``folds``
+            (see :func:`deltameta.deltas.fold.fold_error`).
+        b_offsets: ``{sublayer: {op: D}}`` added to ``lora_B``: the least-squares projection of
+            the multiplicative term (empty without it); ``static_export(model, sigma_bars,
+            b_offsets)`` computes what the export computes.
     """
 
     path: Path
     decisions: dict[str, str]
     sigma_bars: dict[str, dict[str, torch.Tensor]]
     fold_source: str
+    fold_method: str = "none"
+    fold_error: dict[str, Any] | None = None
+    b_offsets: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def load_task_examples(source: str | Path | Sequence[str] | Sequence[dict]) -> list[tuple[str, str | None]]:
@@ -234,36 +257,66 @@ def export_peft(
     def op_context():
         return controller.apply(model, weights) if controller is not None else contextlib.nullcontext()
 
-    # TARP fold point.
+    # TARP fold point (least squares when the statistics allow it, see deltameta.deltas.fold).
     sigma_bars: dict[str, dict[str, torch.Tensor]] = {}
     fold_source = "none (no TARP op exported)"
+    fold_method = "none"
+    fold_err: dict[str, Any] | None = None
+    b_offsets: dict[str, dict[str, torch.Tensor]] = {}
     tarp_kept = {name: op for name, op in kept.items() if parse_op(op).kind == "tarp"}
-    if tarp_kept:
+    if tarp_kept or config.multiplicative:
         texts = [(t, None) for t in fold_inputs] if fold_inputs else examples
         if texts:
             fold_source = "the given fold inputs" if fold_inputs else "the given task examples"
-        elif state.fold_stats:
+        elif state.fold_stats or state.fold_moments:
             fold_source = "fold statistics stored during meta-training"
         else:
             texts = [(DEFAULT_FOLD_TEXT, None)]
             fold_source = f"the default text {DEFAULT_FOLD_TEXT!r}"
         if texts:
-            totals: dict[str, dict[str, list]] = {}
+            totals: dict[str, Any] = {}
             with op_context():
                 for example in texts:
                     ids, mask = _encode(tokenizer, [example], model_device, max_length)
-                    for layer, ops in collect_sigma_means(model, ids, mask).items():
-                        for op, (total, count) in ops.items():
-                            slot = totals.setdefault(layer, {}).setdefault(op, [0.0, 0])
-                            slot[0] = slot[0] + total
-                            slot[1] += count
-            stats = {layer: {op: t / max(c, 1) for op, (t, c) in ops.items()} for layer, ops in totals.items()}
+                    add_moments(totals, collect_fold_moments(model, ids, mask))
+            means, moments = normalise_moments(totals)
         else:
-            stats = state.fold_stats or {}
+            means, moments = state.fold_stats or {}, state.fold_moments or {}
+        has_moments = all(op in moments.get(name, {}) for name, op in tarp_kept.items() if op in means.get(name, {}))
+        if config.multiplicative and not moments:
+            has_moments = False
+        fold_method = "least_squares" if has_moments else "mean"
+        if tarp_kept and not has_moments:
+            warnings.warn(
+                f"the meta-state {state.path} stores only the mean TARP fold statistics (written by an older deltameta); "
+                "folding TARP at the mean of Σ(x), which can lose much of the adapter's gain. Re-export with "
+                "task examples (--task-examples) or meta-train again for the least-squares fold.",
+                stacklevel=2,
+            )
+        candidates = {method: fold_points(means, moments if method == "least_squares" else None, method)
+                      for method in FOLD_METHODS if method == "mean" or has_moments}
         for name, op in tarp_kept.items():
             r = parse_op(op).rank
-            bar = stats.get(name, {}).get(op)
+            bar = candidates[fold_method].get(name, {}).get(op)
             sigma_bars[name] = {op: (bar if bar is not None else torch.zeros(r, r)).detach().float().cpu()}
+        offsets = {"mean": {}}
+        if has_moments and config.multiplicative:
+            offsets["least_squares"] = multiplicative_offsets(model, moments, kept)
+        b_offsets = offsets.get(fold_method, {})
+        fold_err = {"method": fold_method, "fold_source": fold_source}
+        if state.fold_heldout is not None:
+            kept_bars = {method: {name: {op: bars.get(name, {}).get(op, torch.zeros_like(sigma_bars[name][op]))}
+                                  for name, op in tarp_kept.items()} for method, bars in candidates.items()}
+            measured = fold_error(model, state.fold_heldout, kept_bars, op_context, offsets=offsets)
+            fold_err.update(
+                heldout="held-out meta-training examples stored in the meta-state (not used to fit the fold)",
+                relative_logit_error=measured["folds"][fold_method]["relative_logit_error"],
+                loss_gain_kept=measured["folds"][fold_method]["loss_gain_kept"],
+                **measured,
+            )
+        else:
+            fold_err["heldout"] = None
+            fold_err["note"] = "not measured: the meta-state holds no held-out examples"
 
     # Adapter tensors and sidecar.
     tensors: dict[str, torch.Tensor] = {}
@@ -285,6 +338,11 @@ def export_peft(
             sidecar[f"{name}.sigma_bar"] = sigma_bars[name][op].contiguous()
         if config.multiplicative:
             sidecar[f"{name}.mult"] = layer.mult[op].detach().float().cpu().contiguous()
+        offset = b_offsets.get(name, {}).get(op)
+        if offset is not None:  # least-squares projection of the multiplicative term (removed by the sidecar hook)
+            folded_b = folded_b + offset
+            sidecar[f"{name}.lora_A"] = a.contiguous()
+            sidecar[f"{name}.fold_b_offset"] = offset.contiguous()
         if spec.kind == "tarp" or config.multiplicative:
             sidecar_layers[name] = {
                 "op": op,
@@ -300,7 +358,8 @@ def export_peft(
         alpha_pattern[name] = config.alpha
     if config.multiplicative:
         warnings.warn(
-            "the multiplicative (IA3-like) term cannot be expressed as LoRA; it is saved only in the sidecar "
+            "the multiplicative (IA3-like) term cannot be expressed as LoRA; plain PEFT gets only its least-squares "
+            "projection folded into lora_B. The exact term is saved only in the sidecar "
             f"{SIDECAR} and applied by deltameta.load_meta_adapter, not by plain PeftModel.from_pretrained.",
             stacklevel=2,
         )
@@ -328,13 +387,15 @@ def export_peft(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
         if sidecar:
             save_file(sidecar, str(tmp / SIDECAR))
-            meta = {"format": 1, "fold_source": fold_source, "layers": sidecar_layers}
+            meta = {"format": 1, "fold_source": fold_source, "fold_method": fold_method, "fold_error": fold_err,
+                    "layers": sidecar_layers}
             (tmp / SIDECAR_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if controller is not None:
             (tmp / "controller_decisions.txt").write_text(table, encoding="utf-8")
             controller.decision_heatmap(tmp / "controller_decisions.png", list(decisions.values()), probs,
                                         title=f"controller decisions ({controller.mode})")
         record = _export_record(state, decisions, fold_source, embedding_source, controller)
+        record["fold_error"] = fold_err
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.deltas.items()},
                   str(tmp / DELTAS_FILE))
         if state.inner_lrs:
@@ -347,10 +408,12 @@ def export_peft(
         if sidecar:
             record["files"]["sidecar"] = SIDECAR
         (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        card = _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, bool(sidecar))
+        card = _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, bool(sidecar),
+                           fold_err)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     logger.info("exported %d sublayers to %s", len(kept), out_dir)
-    return ExportResult(path=out_dir, decisions=decisions, sigma_bars=sigma_bars, fold_source=fold_source)
+    return ExportResult(path=out_dir, decisions=decisions, sigma_bars=sigma_bars, fold_source=fold_source,
+                        fold_method=fold_method, fold_error=fold_err, b_offsets=b_offsets)
 
 
 def _export_record(state: MetaState, decisions: dict[str, str], fold_source: str, embedding_source: str | None,
@@ -377,7 +440,27 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, has_sidecar) -> str:
+def describe_fold_error(fold_err: dict[str, Any] | None) -> str | None:
+    """One line on the TARP fold and its measured error (``None`` without TARP)."""
+    if not fold_err:
+        return None
+    method = fold_err["method"].replace("_", " ")
+    if fold_err.get("heldout") is None:
+        return f"TARP static fold: {method}; fold error {fold_err.get('note', 'not measured')}"
+    parts = []
+    for name, numbers in fold_err["folds"].items():
+        err, kept = numbers["relative_logit_error"], numbers["loss_gain_kept"]
+        parts.append(f"{name.replace('_', ' ')}: logit error {_pct(err)}, loss gain kept {_pct(kept)}")
+    return (f"TARP static fold: {method}; on {fold_err['examples']} held-out examples ({fold_err['answer_tokens']} answer "
+            f"tokens; loss base {fold_err['loss_base']:.4f}, dynamic {fold_err['loss_dynamic']:.4f}): " + "; ".join(parts))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_source, table, has_sidecar,
+                fold_err=None) -> str:
     base = state.base
     extra = state.extra
     config = state.delta_config
@@ -406,6 +489,10 @@ def _model_card(state, decisions, kept, rank_pattern, fold_source, embedding_sou
         f"- lora_alpha: {config.alpha}; ranks per sublayer in `rank_pattern`",
         f"- TARP fold point: {fold_source}",
     ]
+    fold_line = describe_fold_error(fold_err)
+    if fold_line:
+        lines.append(f"- {fold_line} (relative logit error = ||static - dynamic|| / ||dynamic - base|| over the "
+                     "tokens; loss gain kept = (loss base - loss static) / (loss base - loss dynamic))")
     if embedding_source:
         lines.append(f"- structure chosen from: {embedding_source}")
     record = state.inner_loop
@@ -538,7 +625,7 @@ def load_meta_adapter(base_model: nn.Module, directory: str | Path, adapter_name
 
     Returns:
         The ``PeftModel``; with a sidecar, forward hooks on the LoRA modules add
-        ``s B (Σ(x) - Σ̄) A x`` (and ``m ⊙ W0 x``), so it computes the meta-trained (dynamic) model.
+        ``s B (Σ(x) - M) A x`` (and ``m ⊙ W0 x``), so it computes the meta-trained (dynamic) model.
         The hook handles are in ``peft_model.deltameta_hooks``.
 
     Raises:
@@ -575,16 +662,17 @@ def _dynamic_hook(info: dict[str, Any], parts: dict[str, torch.Tensor]):
         x = args[0]
         dtype = x.dtype
         extra = None
+        z = x @ parts["lora_A"].to(dtype).T if "lora_A" in parts else None
         if tarp:
-            a = parts["lora_A"].to(dtype)
             b = parts["lora_B"].to(dtype)
-            z = x @ a.T
             s = ((z if projected else x) @ parts["tarp_sigma"].to(dtype).T)
             s = s.reshape(*s.shape[:-1], rank, rank) - parts["sigma_bar"].to(dtype)
             extra = (torch.matmul(s, z.unsqueeze(-1)).squeeze(-1) @ b.T) * scaling
         if "mult" in parts:
             base_out = module.base_layer(x).to(dtype)
             term = base_out * parts["mult"].to(dtype)
+            if "fold_b_offset" in parts:  # the export holds s D A x in place of m ⊙ W0 x
+                term = term - (z @ parts["fold_b_offset"].to(dtype).T) * scaling
             extra = term if extra is None else extra + term
         return output if extra is None else output + extra.to(output.dtype)
 

@@ -55,6 +55,9 @@ class DeltaLinear(nn.Module):
         mult: ``op -> [out]`` row scaling of ``W0 x`` when ``multiplicative`` (zeros).
         op_weights: ``None`` (single op, weight 1), ``[n_ops]``, or ``[G, n_ops]`` where ``G``
             divides the batch (per example, or per task group of a task-batched call).
+        static_b_offset: In static mode, optional ``op -> D`` (``[out, r]``): the static delta is
+            ``s (B Σ̄ + D) A x`` (the least-squares fold of the multiplicative term, see
+            :mod:`deltameta.deltas.fold`).
         static_sigma: When not ``None`` (a dict ``op -> Σ̄ - I``, ``[r, r]``), the layer computes the
             static export: TARP uses the fixed ``Σ̄`` and the multiplicative term is left out.
     """
@@ -97,6 +100,7 @@ class DeltaLinear(nn.Module):
         self.reset_delta_parameters()
         self.op_weights: torch.Tensor | None = None
         self.static_sigma: dict[str, torch.Tensor] | None = None
+        self.static_b_offset: dict[str, torch.Tensor] | None = None
         self._sigma_stats: dict[str, Any] | None = None
 
     def reset_delta_parameters(self) -> None:
@@ -194,6 +198,12 @@ class DeltaLinear(nn.Module):
         else:
             u = z
         out = torch.matmul(u, b.transpose(-1, -2)) * self.scaling[name]
+        if self._sigma_stats is not None and not batched and self._sigma_stats.get("moments") is not None and (
+                spec.kind == "tarp" or self.multiplicative):
+            self._collect_moments(name, z, u, base_out if self.multiplicative else None)
+        if self.static_sigma is not None and self.static_b_offset and name in self.static_b_offset:
+            offset = self.static_b_offset[name].to(dtype)
+            out = out + torch.matmul(z, offset.transpose(-1, -2)) * self.scaling[name]
         if self.multiplicative and self.static_sigma is None:
             m = self.mult[name].to(dtype)
             if batched:
@@ -220,13 +230,30 @@ class DeltaLinear(nn.Module):
             self._collect(spec.name, s)
         return z + torch.matmul(s, z.unsqueeze(-1)).squeeze(-1)
 
+    def _tokens(self, t: torch.Tensor, trailing: int = 1) -> torch.Tensor:
+        """``t`` ``[..., *trailing dims]`` flattened to its non-pad tokens (fold statistics)."""
+        mask = self._sigma_stats.get("mask")
+        lead = t.shape[: t.dim() - trailing]
+        if mask is not None and tuple(mask.shape) == tuple(lead):
+            return t[mask.bool()]
+        return t.reshape(-1, *t.shape[t.dim() - trailing:])
+
     def _collect(self, name: str, s: torch.Tensor) -> None:
+        """Accumulate the sum of ``Σ(x) - I`` over the tokens of one forward (mean fold)."""
         stats = self._sigma_stats
-        s = s.detach().float()
-        mask = stats.get("mask")
-        if mask is not None and tuple(mask.shape) == tuple(s.shape[:-2]):
-            s = s[mask.bool()]
-        else:
-            s = s.reshape(-1, *s.shape[-2:])
+        s = self._tokens(s.detach().float(), trailing=2)
         total, count = stats["sums"].get(name, (0.0, 0))
         stats["sums"][name] = (s.sum(0) + total, count + s.shape[0])
+
+    def _collect_moments(self, name: str, z: torch.Tensor, u: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Accumulate, in float64, the sums of ``z zᵀ``, ``u zᵀ`` (``u = Σ(x) z``; ``z`` for LoRA)
+        and, with the multiplicative term, ``y zᵀ`` (``y = W0 x``), plus the token count
+        (least-squares fold, see :func:`deltameta.deltas.model.collect_fold_moments`)."""
+        moments = self._sigma_stats["moments"]
+        zf = self._tokens(z.detach().double())
+        uf = self._tokens(u.detach().double())
+        entry = {"zz": zf.T @ zf, "uz": uf.T @ zf, "count": zf.shape[0]}
+        if y is not None:
+            entry["yz"] = self._tokens(y.detach().double()).T @ zf
+        old = moments.get(name)
+        moments[name] = entry if old is None else {k: old[k] + v for k, v in entry.items()}

@@ -140,15 +140,18 @@ def apply_op_weights(model: nn.Module, weights: dict[str, torch.Tensor | None]) 
 
 
 @contextlib.contextmanager
-def static_export(model: nn.Module, sigma_bars: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
+def static_export(model: nn.Module, sigma_bars: dict[str, dict[str, torch.Tensor]],
+                  b_offsets: dict[str, dict[str, torch.Tensor]] | None = None) -> Iterator[None]:
     """Compute the forward that the exported (static) PEFT adapter computes.
 
-    TARP uses the fixed fold ``Σ̄ = I + sigma_bars[layer][op]`` and the multiplicative term is
-    left out (it is not expressible in LoRA).
+    TARP uses the fixed fold ``Σ̄ = I + sigma_bars[layer][op]`` (the fold matrix ``M``) and the
+    multiplicative term is left out (it is not expressible in LoRA), except for its
+    least-squares projection ``b_offsets`` added to ``B``: the static delta is ``s (B Σ̄ + D) A x``.
 
     Args:
         model: Model with injected deltas.
         sigma_bars: ``{layer name: {op: Σ̄ - I}}`` (missing layers/ops fold at ``Σ̄ = I``).
+        b_offsets: ``{layer name: {op: D [out, r]}}`` (missing: none).
     """
     layers = delta_layers(model)
     try:
@@ -158,10 +161,12 @@ def static_export(model: nn.Module, sigma_bars: dict[str, dict[str, torch.Tensor
                 r = layer.lora_A[op].shape[-2]
                 bars.setdefault(op, torch.zeros(r, r, device=weight.device))
             layer.static_sigma = bars
+            layer.static_b_offset = dict((b_offsets or {}).get(name, {})) or None
         yield
     finally:
         for layer in layers.values():
             layer.static_sigma = None
+            layer.static_b_offset = None
 
 
 @torch.no_grad()
@@ -183,8 +188,44 @@ def collect_sigma_means(
     Returns:
         ``{layer name: {op: (sum [r, r], token count)}}`` for layers with TARP ops.
     """
-    layers = {n: l for n, l in delta_layers(model).items() if len(l.tarp_sigma)}
-    stats = {name: {"mask": attention_mask, "sums": {}} for name in layers}
+    stats = _collect_tarp_stats(model, input_ids, attention_mask, False, **forward_kwargs)
+    return {name: dict(entry["sums"]) for name, entry in stats.items() if entry["sums"]}
+
+
+@torch.no_grad()
+def collect_fold_moments(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **forward_kwargs
+) -> dict[str, dict[str, dict[str, torch.Tensor | int]]]:
+    """Run ``model`` once and return, per TARP op, the sums that the least-squares fold needs.
+
+    With ``z = A x`` and ``u = Σ(x) z`` per non-pad token: ``sigma`` (sum of ``Σ(x) - I``,
+    ``[r, r]``, float32), ``zz`` (sum of ``z zᵀ``), ``uz`` (sum of ``u zᵀ``), float64, and
+    ``count`` (tokens). With the multiplicative term, every op (LoRA ones too, ``u = z``, no
+    ``sigma``) also gets ``yz`` (sum of ``y zᵀ``, ``y = W0 x``, ``[out, r]``). Sums over several
+    calls add up; see :mod:`deltameta.deltas.fold`.
+
+    Args:
+        model: Model with injected deltas (op weights already set when a controller is used).
+        input_ids: ``[B, L]``.
+        attention_mask: ``[B, L]``; tokens where it is 0 are not counted.
+        **forward_kwargs: Passed to ``model``.
+
+    Returns:
+        ``{layer name: {op: {"sigma", "zz", "uz", "count"[, "yz"]}}}`` for the active ops.
+    """
+    stats = _collect_tarp_stats(model, input_ids, attention_mask, True, **forward_kwargs)
+    out: dict[str, dict[str, dict[str, torch.Tensor | int]]] = {}
+    for name, entry in stats.items():
+        for op, moments in entry["moments"].items():
+            out.setdefault(name, {})[op] = dict(moments)
+            if op in entry["sums"]:
+                out[name][op]["sigma"] = entry["sums"][op][0]
+    return out
+
+
+def _collect_tarp_stats(model, input_ids, attention_mask, moments: bool, **forward_kwargs) -> dict[str, dict]:
+    layers = {n: l for n, l in delta_layers(model).items() if len(l.tarp_sigma) or (moments and l.multiplicative)}
+    stats = {name: {"mask": attention_mask, "sums": {}, **({"moments": {}} if moments else {})} for name in layers}
     try:
         for name, layer in layers.items():
             layer._sigma_stats = stats[name]
@@ -192,7 +233,7 @@ def collect_sigma_means(
     finally:
         for layer in layers.values():
             layer._sigma_stats = None
-    return {name: dict(stats[name]["sums"]) for name in layers if stats[name]["sums"]}
+    return stats
 
 
 @torch.no_grad()

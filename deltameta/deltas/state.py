@@ -6,7 +6,12 @@ A meta-state directory holds
 * ``deltas.safetensors``: the delta parameters, under their ``model.named_parameters()`` names;
 * ``controller.safetensors`` + ``controller.json``: the architecture controller (if any);
 * ``fold_stats.safetensors``: TARP fold statistics (optional): ``"<layer>::<op>"`` -> mean of
-  ``Σ(x) - I`` over meta-training tokens, and ``"__task_embedding__"`` -> mean task embedding;
+  ``Σ(x) - I`` over meta-training tokens, ``"<layer>::<op>::zz"`` / ``"::uz"`` -> ``E[z zᵀ]`` /
+  ``E[u zᵀ]`` and, with the multiplicative term, ``"::yz"`` -> ``E[W0 x zᵀ]`` (float64, for the
+  least-squares fold, see :mod:`deltameta.deltas.fold`; absent in meta-states of older versions,
+  which export with the mean fold), ``"__heldout__::<key>"`` ->
+  held-out encoded examples (``input_ids``, ``attention_mask``, ``labels``) on which the export
+  measures the fold error, and ``"__task_embedding__"`` -> mean task embedding;
 * ``base.json``: ``model.deltameta_base.to_dict()``;
 * ``meta_state.json``: extras (recipe, metrics, task distribution, ...) and ``inner_loop``: the
   recorded inner loop (see :mod:`deltameta.deltas.inner_loop`);
@@ -34,6 +39,8 @@ from deltameta.errors import MetaStateError
 
 FINAL_DIR = "final"
 TASK_EMBEDDING_KEY = "__task_embedding__"
+HELDOUT_PREFIX = "__heldout__::"
+MOMENT_KEYS = ("zz", "uz")
 
 
 @dataclasses.dataclass
@@ -53,6 +60,10 @@ class MetaState:
         inner_loop: The recorded inner loop (older meta-states: derived from the saved config;
             ``None`` when neither exists).
         inner_lrs: Meta-SGD's learned inner rates by delta name, or ``None``.
+        fold_moments: ``{layer: {op: {"zz": E[z zᵀ], "uz": E[u zᵀ][, "yz": E[W0 x zᵀ]]}}}``
+            (least-squares fold) or ``None``.
+        fold_heldout: Held-out encoded examples ``{input_ids, attention_mask, labels}`` for
+            measuring the fold error, or ``None``.
     """
 
     path: Path
@@ -66,6 +77,8 @@ class MetaState:
     task_embedding_mean: torch.Tensor | None = None
     inner_loop: InnerLoopRecord | None = None
     inner_lrs: dict[str, torch.Tensor] | None = None
+    fold_moments: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None
+    fold_heldout: dict[str, torch.Tensor] | None = None
 
 
 def save_meta_state(
@@ -78,6 +91,8 @@ def save_meta_state(
     task_embedding_mean: torch.Tensor | None = None,
     inner_loop: InnerLoopRecord | None = None,
     inner_lrs: dict[str, torch.Tensor] | None = None,
+    fold_moments: dict[str, dict[str, dict[str, Any]]] | None = None,
+    fold_heldout: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a meta-state atomically (a reader sees the old directory or the complete new one).
 
@@ -91,6 +106,10 @@ def save_meta_state(
         task_embedding_mean: Mean task embedding (export's default input to a task controller).
         inner_loop: The inner loop the deltas were meta-trained for (``meta_state.json["inner_loop"]``).
         inner_lrs: Learned inner rates by delta name (Meta-SGD), written to ``inner_lrs.safetensors``.
+        fold_moments: ``{layer: {op: {"zz": E[z zᵀ], "uz": E[u zᵀ]}}}`` over the same tokens
+            (least-squares fold).
+        fold_heldout: Encoded held-out examples (``input_ids``, ``attention_mask``, ``labels``)
+            not used for the fold statistics; the export measures the fold error on them.
 
     Returns:
         The directory.
@@ -121,6 +140,13 @@ def save_meta_state(
         for layer, ops in (fold_stats or {}).items():
             for op, value in ops.items():
                 stats[f"{layer}::{op}"] = value.detach().to("cpu", torch.float32).contiguous()
+        for layer, ops in (fold_moments or {}).items():
+            for op, entry in ops.items():
+                for key in (*MOMENT_KEYS, "yz"):
+                    if key in entry:
+                        stats[f"{layer}::{op}::{key}"] = entry[key].detach().to("cpu", torch.float64).contiguous()
+        for key, value in (fold_heldout or {}).items():
+            stats[HELDOUT_PREFIX + key] = value.detach().to("cpu").contiguous()
         if task_embedding_mean is not None:
             stats[TASK_EMBEDDING_KEY] = task_embedding_mean.detach().to("cpu", torch.float32).contiguous()
         if stats:
@@ -178,13 +204,26 @@ def load_meta_state(directory: str | Path) -> MetaState:
         state.controller_meta = read_json("controller.json")
     if (path / "fold_stats.safetensors").is_file():
         stats: dict[str, dict[str, torch.Tensor]] = {}
+        moments: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        heldout: dict[str, torch.Tensor] = {}
         for key, value in load_file(str(path / "fold_stats.safetensors")).items():
             if key == TASK_EMBEDDING_KEY:
                 state.task_embedding_mean = value
                 continue
+            if key.startswith(HELDOUT_PREFIX):
+                heldout[key.removeprefix(HELDOUT_PREFIX)] = value
+                continue
             layer, _, op = key.partition("::")
-            stats.setdefault(layer, {})[op] = value
+            op, _, moment = op.partition("::")
+            if moment:
+                moments.setdefault(layer, {}).setdefault(op, {})[moment] = value
+            else:
+                stats.setdefault(layer, {})[op] = value
         state.fold_stats = stats or None
+        complete = {layer: {op: entry for op, entry in ops.items() if set(MOMENT_KEYS) <= set(entry)}
+                    for layer, ops in moments.items()}
+        state.fold_moments = {layer: ops for layer, ops in complete.items() if ops} or None
+        state.fold_heldout = heldout if {"input_ids", "attention_mask", "labels"} <= set(heldout) else None
     if isinstance(state.extra.get("inner_loop"), dict):
         state.inner_loop = InnerLoopRecord.from_dict(state.extra["inner_loop"], f"{path / 'meta_state.json'}: inner_loop")
     elif isinstance(state.extra.get("config"), dict) and "inner_steps" in state.extra["config"]:

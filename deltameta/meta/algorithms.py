@@ -11,7 +11,10 @@ The outer optimizer step is the trainer's business (:mod:`deltameta.meta.trainer
   runs with the math SDPA backend, which has a double backward on CPU.
 * ``reptile``: meta-gradient ``phi - phi_adapted`` (an outer SGD step of size ``eps`` moves
   ``phi`` by ``eps (phi_adapted - phi)``).
-* ``metasgd``: like (FO)MAML, with a learned learning rate per delta tensor.
+* ``metasgd``: like (FO)MAML, with learned inner learning rates, one per delta tensor
+  (``metasgd_rates="tensor"``) or one per element (``"element"``, as in Li et al. 2017). The
+  rates' gradient is exact by default even when the deltas' gradient is first-order (see
+  :class:`MetaSGD`).
 * ``multitask``: the baseline — the same adapter trained on the same tasks' examples with plain
   batches and the same number of forward/backward passes (``inner_steps + 1`` per task), no
   adaptation.
@@ -36,6 +39,12 @@ from deltameta.meta import batched as B
 from deltameta.meta import functional as F
 
 ALGORITHMS = ("fomaml", "maml", "reptile", "metasgd", "multitask", "none")
+#: Shapes of Meta-SGD's learned rates: one per delta tensor, or one per element.
+METASGD_RATES = ("tensor", "element")
+#: Meta-SGD rate gradients with a first-order inner loop.
+METASGD_RATE_GRADS = ("exact", "first_order")
+#: Name prefix of Meta-SGD's rates in :meth:`MetaAlgorithm.extra_parameters` (then the delta's name).
+LR_PREFIX = "metasgd_lr."
 
 
 @dataclasses.dataclass
@@ -50,6 +59,11 @@ class InnerLoop:
         optimizer: ``sgd`` or ``adam`` (state kept in the graph, fresh for every task).
         betas: Adam's ``(beta1, beta2)``.
         eps: Adam's epsilon.
+        metasgd_rates: Meta-SGD only: ``tensor`` (one learned rate per delta tensor) or
+            ``element`` (one per element).
+        metasgd_rate_grad: Meta-SGD only, with a first-order inner loop: ``exact`` (differentiate
+            through the inner loop for the rates) or ``first_order`` (treat the inner gradients
+            as constants; cheaper, biased from 2 inner steps on).
     """
 
     steps: int = 1
@@ -59,6 +73,8 @@ class InnerLoop:
     optimizer: str = "sgd"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    metasgd_rates: str = "tensor"
+    metasgd_rate_grad: str = "exact"
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`functional.adapt` that select the optimizer."""
@@ -134,6 +150,9 @@ class MetaAlgorithm:
     def inner_lr(self) -> float | Mapping[str, Tensor]:
         """The inner learning rate(s) used by :func:`functional.adapt`."""
         return self.inner.lr
+
+    def after_outer_step(self) -> None:
+        """Called by the trainer after every outer optimizer step (Meta-SGD projects its rates)."""
 
     # -- contexts ----------------------------------------------------------------------------
 
@@ -290,26 +309,114 @@ class MAML(MetaAlgorithm):
 
 
 class MetaSGD(MetaAlgorithm):
-    """Meta-SGD: a learned inner learning rate per delta tensor (``lr_<name>`` parameters).
+    """Meta-SGD (Li et al. 2017): learned inner learning rates, meta-learned with the deltas.
 
-    Args:
-        See :class:`MetaAlgorithm`. The learned rates start at ``inner.lr``.
+    The rates are the parameters themselves (``inner.metasgd_rates``: a scalar per delta tensor,
+    or a tensor of the delta's shape for per-element rates), so what :meth:`extra_parameters`
+    returns is exactly what the inner loop multiplies the gradient with. They start at
+    ``inner.lr`` and are projected onto ``>= 0`` after every outer step
+    (:meth:`after_outer_step`, projected AdamW): a learned rate may switch an element's
+    adaptation off but never turns a step into gradient ascent.
+
+    Meta-gradients:
+
+    * second-order (``inner.first_order=False``): everything differentiates through the inner loop;
+    * first-order with ``inner.metasgd_rate_grad="exact"`` (default): the deltas get the
+      first-order gradient ``∇L_query(φ_K)``; the rates get the exact
+      ``dL/dα = ∇L_query(φ_K) · ∂φ_K/∂α``, a vector-Jacobian product through an inner loop run
+      from the detached deltas whose gradients keep their graph from the second step on (the
+      first step's gradient does not depend on the rates). With one inner step this costs what
+      the first-order step costs; with K steps, K - 1 double backwards;
+    * first-order with ``metasgd_rate_grad="first_order"``: the inner gradients are constants
+      for the rates as well (exact for one inner step, biased from two on).
     """
 
     name = "metasgd"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.inner.metasgd_rates not in METASGD_RATES:
+            raise ConfigError(f"metasgd_rates={self.inner.metasgd_rates!r}: expected one of {', '.join(METASGD_RATES)}.")
+        if self.inner.metasgd_rate_grad not in METASGD_RATE_GRADS:
+            raise ConfigError(f"metasgd_rate_grad={self.inner.metasgd_rate_grad!r}: expected one of "
+                              f"{', '.join(METASGD_RATE_GRADS)}.")
+        element = self.inner.metasgd_rates == "element"
         self.lrs = {
-            name: nn.Parameter(torch.tensor(float(self.inner.lr), dtype=p.dtype, device=p.device))
+            name: nn.Parameter(torch.full(tuple(p.shape) if element else (), float(self.inner.lr), dtype=p.dtype,
+                                          device=p.device))
             for name, p in self.params.items()
         }
 
     def extra_parameters(self) -> dict[str, nn.Parameter]:
-        return {f"metasgd_lr.{name}": lr for name, lr in self.lrs.items()}
+        """The learned rates as ``{"metasgd_lr.<delta parameter name>": rate}`` (stable names)."""
+        return {f"{LR_PREFIX}{name}": lr for name, lr in self.lrs.items()}
 
     def inner_lr(self) -> Mapping[str, Tensor]:
         return self.lrs
+
+    def after_outer_step(self) -> None:
+        with torch.no_grad():
+            for lr in self.lrs.values():
+                lr.clamp_(min=0.0)
+
+    def exact_rate_grad(self) -> bool:
+        """Whether the rates' gradient comes from the dedicated exact path (first-order deltas)."""
+        return self.inner.first_order and self.inner.metasgd_rate_grad == "exact"
+
+    def second_order(self) -> bool:
+        return not self.inner.first_order or (self.exact_rate_grad() and self.inner.steps > 1)
+
+    def task_step(self, support, query, scale):  # noqa: D102 - see base class
+        if self.inplace or not self.exact_rate_grad():
+            return super().task_step(support, query, scale)
+        losses: list[float] = []
+        with self._context():
+            start = {k: v.detach() for k, v in self.params.items()}
+            query_loss = self._exact_step(start, support, query, scale, None, losses)
+        return self._result(losses, query_loss, support, query, 1)
+
+    def tasks_step_batched(self, supports, queries, scale, pad_token_id=0):  # noqa: D102 - see base class
+        if not self.exact_rate_grad():
+            return super().tasks_step_batched(supports, queries, scale, pad_token_id)
+        tasks = len(supports)
+        support = B.concat_batches(supports, pad_token_id)
+        query = B.concat_batches(queries, pad_token_id)
+        losses: list[float] = []
+        with self._context():
+            start = B.stack_params({k: v.detach() for k, v in self.params.items()}, tasks)
+            query_loss = self._exact_step(start, support, query, scale, tasks, losses)
+        return self._result([x / tasks for x in losses], query_loss / tasks, support, query, tasks)
+
+    def _exact_step(self, start: Mapping[str, Tensor], support, query, scale: float, tasks: int | None,
+                    losses: list[float]) -> Tensor:
+        """First-order deltas, exact rates (see the class docstring); returns the query loss."""
+        fast = F.adapt(start, support, self.loss_fn(tasks), steps=self.inner.steps, lr=self.lrs, first_order=False,
+                       graph_from=1, clip=self.inner.clip, task_dim=tasks is not None, losses=losses,
+                       **self.inner.optimizer_kwargs())
+        at = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+        query_loss = self.loss_fn(tasks)(at, query)
+        if not (bool(torch.isfinite(query_loss)) and all(map(_finite, losses))):
+            return query_loss
+        # the query pass: the controller's direct gradient and v = d(scale * L_query)/d(phi_K)
+        (query_loss * scale).backward()
+        names = [k for k, v in at.items() if v.grad is not None]
+        for name in names:
+            grad = at[name].grad
+            _accumulate(self.params[name], grad.sum(0) if tasks is not None else grad)
+        # the rates: v^T d(phi_K)/d(alpha) through the inner loop (deltas and controller left alone)
+        outputs = [(fast[k], at[k].grad) for k in names if fast[k].requires_grad]
+        if outputs:
+            rates = list(self.lrs.values())
+            grads = torch.autograd.grad([o for o, _ in outputs], rates, grad_outputs=[g for _, g in outputs],
+                                        allow_unused=True)
+            for lr, grad in zip(rates, grads):
+                if grad is not None:
+                    _accumulate(lr, grad)
+        return query_loss
+
+
+def _accumulate(p: Tensor, grad: Tensor) -> None:
+    p.grad = grad.detach().clone() if p.grad is None else p.grad + grad.detach()
 
 
 class Reptile(MetaAlgorithm):

@@ -59,6 +59,11 @@ class MetaTrainConfig(BaseModelKeys):
     algorithm: Literal["fomaml", "maml", "reptile", "metasgd", "multitask", "none"] = field(
         "fomaml", "meta-learning algorithm; multitask and none (a fresh adapter, no training) are the baselines")
     first_order: bool | None = field(None, "metasgd: drop second-order terms (default: first-order except maml)")
+    metasgd_rates: Literal["tensor", "element"] = field(
+        "tensor", "metasgd: learned inner rates, one per delta tensor or one per element (Li et al. 2017); kept >= 0")
+    metasgd_rate_grad: Literal["exact", "first_order"] = field(
+        "exact", "metasgd with first-order deltas: exact rate gradient through the inner loop (K-1 double backwards "
+        "for K inner steps) or first_order (cheaper; exact for 1 inner step, biased from 2 on; measured in benchmarks/README.md)")
     inner_steps: int = field(2, "inner optimizer steps on the support set")
     inner_lr: float = field(0.05, "inner learning rate (metasgd: initial value)")
     inner_clip: float = field(1.0, "inner gradient norm clipping (0: off)")

@@ -357,6 +357,7 @@ def adapt(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     on_step: Callable[[int, Params], None] | None = None,
+    graph_from: int = 0,
 ) -> Params:
     """Adapt ``params`` to a task with ``steps`` optimizer steps on its support batch.
 
@@ -385,6 +386,9 @@ def adapt(
         on_step: Called as ``on_step(k, current)`` after ``k`` steps, for ``k = 0 .. steps``
             (``k = 0`` before the first), e.g. to score intermediate steps; it must not modify
             ``current``.
+        graph_from: With ``first_order=False``, the inner gradients of the steps before this
+            (0-based) step are detached all the same. Exact Meta-SGD rate gradients use 1: the
+            first step's gradient does not depend on the rates, so its graph is not needed.
 
     Returns:
         The adapted ``name -> tensor`` dict.
@@ -405,11 +409,12 @@ def adapt(
             loss = loss_fn(current, support_batch)
             if losses is not None:
                 losses.append(float(loss.detach()))
+            detach = first_order or step < graph_from
             if optimizer == "adam":
-                current = adam_step(current, loss, lr, state, first_order=first_order, clip=clip, task_dim=task_dim,
+                current = adam_step(current, loss, lr, state, first_order=detach, clip=clip, task_dim=task_dim,
                                     betas=betas, eps=eps)
             else:
-                current = sgd_step(current, loss, lr, first_order=first_order, clip=clip, task_dim=task_dim)
+                current = sgd_step(current, loss, lr, first_order=detach, clip=clip, task_dim=task_dim)
     if on_step is not None:
         on_step(steps, current)
     return current

@@ -146,7 +146,8 @@ class MetaTrainer:
         self.params = delta_parameters(self.model)
         self.controller = ArchController.for_model(self.model, self.delta_config) if c.controller != "none" else None
         inner = InnerLoop(steps=c.inner_steps, lr=c.inner_lr, first_order=c.is_first_order(), clip=c.inner_clip or None,
-                          optimizer=c.inner_optimizer)
+                          optimizer=c.inner_optimizer, metasgd_rates=c.metasgd_rates,
+                          metasgd_rate_grad=c.metasgd_rate_grad)
         self.algorithm: MetaAlgorithm = make_algorithm(
             c.algorithm, self.model, self.params, inner,
             loss_fn_factory=lambda m, groups: _lm_loss_fn(m, groups),
@@ -283,6 +284,7 @@ class MetaTrainer:
             if c.meta_clip > 0:
                 row["meta_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
             self.optimizer.step()
+            self.algorithm.after_outer_step()
             if self.controller_optimizer is not None:
                 self.controller_optimizer.step()
         else:
@@ -408,9 +410,9 @@ class MetaTrainer:
 
         extra = {"config": dataclasses.asdict(self.config), "step": self.step, "splits": self.splits.names,
                  "validation": {"initial": self.initial_validation, "last": self.last_validation, "best": self.best}}
-        fold, emb = (self._fold_statistics() if final else (None, None))
-        save_meta_state(directory, self.model, self.delta_config, self.controller, extra=extra,
-                        fold_stats=fold, task_embedding_mean=emb, **self.inner_loop_record())
+        fold = self._fold_statistics() if final else {}
+        save_meta_state(directory, self.model, self.delta_config, self.controller, extra=extra, **fold,
+                        **self.inner_loop_record())
 
     def inner_loop_record(self) -> dict[str, Any]:
         """``inner_loop`` (the record) and ``inner_lrs`` (learned rates or ``None``) of this run."""
@@ -424,25 +426,40 @@ class MetaTrainer:
             record.betas, record.eps = tuple(inner.betas), float(inner.eps)
         return {"inner_loop": record, "inner_lrs": rates}
 
-    def _fold_statistics(self, episodes: int = 8):
-        """Mean TARP ``Σ(x) - I`` and mean task embedding over meta-training episodes (export fold point)."""
-        from deltameta.deltas import collect_sigma_means
+    def _fold_statistics(self, episodes: int = 8) -> dict[str, Any]:
+        """TARP fold statistics, held-out fold inputs and the mean task embedding (export's inputs).
+
+        The fold statistics (mean ``Σ(x) - I``, ``E[z zᵀ]``, ``E[u zᵀ]``; see
+        :mod:`deltameta.deltas.fold`) come from the support sets of ``episodes`` meta-training
+        episodes; their query sets, never used for the statistics, are kept as held-out inputs on
+        which the export measures the fold error.
+
+        Returns:
+            Keyword arguments of :func:`deltameta.deltas.save_meta_state`.
+        """
+        from deltameta.deltas import collect_fold_moments
         from deltameta.deltas import task_embedding as embed
+        from deltameta.deltas.fold import add_moments, normalise_moments
+        from deltameta.meta.batched import concat_batches
 
         sampler = data.make_sampler(self.splits.train, self.config, self.config.seed + 104729, "meta-train")
-        sums: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}
-        embeddings = []
+        totals: dict[str, Any] = {}
+        embeddings, heldout = [], []
         for index in range(episodes):
-            support, _ = self._encode(sampler.episode(index))
+            support, query = self._encode(sampler.episode(index))
             embeddings.append(embed(self.model, support["input_ids"], support["attention_mask"]))
+            heldout.append({k: v.cpu() for k, v in query.items()})
             with self._apply(self._decided_weights(support)):
-                stats = collect_sigma_means(self.model, support["input_ids"], support["attention_mask"], use_cache=False)
-            for layer, ops in stats.items():
-                for op, (total, count) in ops.items():
-                    old_total, old_count = sums.setdefault(layer, {}).get(op, (0.0, 0))
-                    sums[layer][op] = (total + old_total, count + old_count)
-        fold = {layer: {op: total / max(count, 1) for op, (total, count) in ops.items()} for layer, ops in sums.items()}
-        return (fold or None), torch.stack(embeddings).mean(0)
+                add_moments(totals, collect_fold_moments(self.model, support["input_ids"], support["attention_mask"],
+                                                         use_cache=False))
+        means, moments = normalise_moments(totals)
+        examples = [{k: v[i : i + 1] for k, v in b.items()} for b in heldout for i in range(int(b["input_ids"].shape[0]))]
+        return {
+            "fold_stats": means or None,
+            "fold_moments": moments or None,
+            "fold_heldout": concat_batches(examples, self.pad_id) if (means or moments) and examples else None,
+            "task_embedding_mean": torch.stack(embeddings).mean(0),
+        }
 
     # ------------------------------------------------------------------------------ run
 
