@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 SIDECAR = "deltameta_tarp.safetensors"
 SIDECAR_META = "deltameta_tarp.json"
+#: Marker file of a deltameta export (an export may be replaced only where this and adapter_config.json are).
+EXPORT_MARKER = ".deltameta_export"
 #: Fold input used when neither task examples nor stored fold statistics exist.
 DEFAULT_FOLD_TEXT = "The quick brown fox jumps over the lazy dog. Question: what is 2 + 3? Answer: 5."
 
@@ -143,6 +145,59 @@ def _device_of(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def is_export_dir(path: str | Path) -> bool:
+    """Return whether ``path`` holds a previous deltameta export (``adapter_config.json`` + marker)."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return False
+    if (path / EXPORT_MARKER).is_file() or (path / SIDECAR_META).is_file():
+        return True
+    card = path / "README.md"  # exports written before the marker existed: the card names deltameta
+    try:
+        return card.is_file() and "deltameta" in card.read_text(encoding="utf-8", errors="replace")[:4000]
+    except OSError:
+        return False
+
+
+def check_export_dir(out_dir: str | Path, source: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Check that an export may be written to ``out_dir``; never deletes anything.
+
+    Args:
+        out_dir: The destination.
+        source: The run or meta-state directory exported (refused as a destination, with its parents).
+        overwrite: Replace a previous deltameta export there.
+
+    Returns:
+        ``out_dir``, absolute.
+
+    Raises:
+        ConfigError: ``out_dir`` is the working directory, the source or one of its parents, a file,
+            a non-empty folder that is not a deltameta export, or an export (without ``overwrite``).
+    """
+    from deltameta.errors import ConfigError
+
+    given = out_dir
+    out = Path(out_dir).expanduser().resolve()
+    if out == Path.cwd().resolve() or out.parent == out:
+        raise ConfigError(f"--out '{given}' is the current (or root) directory; give a new directory for the adapter, "
+                          "e.g. --out my-adapter.")
+    if source is not None:
+        src = Path(source).expanduser().resolve()
+        if src == out or out in src.parents:
+            raise ConfigError(f"--out '{given}' would replace the exported run '{source}' (or a folder holding it); "
+                              "give a directory outside it, e.g. --out my-adapter.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{given}' is a file; give a directory.")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_export_dir(out):
+            raise ConfigError(f"--out '{given}' is not empty and holds no deltameta export; refusing to replace it "
+                              "(even with --overwrite). Choose an empty or new directory.")
+        if not overwrite:
+            raise ConfigError(f"--out '{given}' already holds a deltameta export; pass --overwrite to replace it, "
+                              "or choose another directory.")
+    return out
+
+
 def export_peft(
     source: str | Path | MetaState,
     out_dir: str | Path,
@@ -150,6 +205,7 @@ def export_peft(
     fold_inputs: Sequence[str] | None = None,
     device: str | None = "cpu",
     max_length: int = 512,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export a meta-trained run (or meta-state) as a PEFT LoRA adapter directory.
 
@@ -162,17 +218,21 @@ def export_peft(
         fold_inputs: Texts to fold TARP on (overrides ``task_examples`` for the fold).
         device: Device to build the model on.
         max_length: Token limit per example.
+        overwrite: Replace a previous deltameta export in ``out_dir`` (anything else there is refused).
 
     Returns:
         An :class:`ExportResult`.
 
     Raises:
+        ConfigError: ``out_dir`` holds something other than a deltameta export, an export (without
+            ``overwrite``), or is the source run or one of its parents (see :func:`check_export_dir`).
         MetaStateError: the run has no finished state.
         DataError: task examples in a wrong format.
         DeltametaError: the controller skipped every sublayer.
     """
     from peft import LoraConfig
 
+    check_export_dir(out_dir, None if isinstance(source, MetaState) else source, overwrite)
     state = source if isinstance(source, MetaState) else load_meta_state(source)
     examples = load_task_examples(task_examples) if task_examples is not None else None
     model, tokenizer, controller = build_from_meta_state(state, device=device)
@@ -297,6 +357,8 @@ def export_peft(
     table = controller.decision_table(list(decisions.values()), probs[0] if probs is not None and probs.dim() == 3 else probs) if controller else None
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": 1, "writer": "deltameta export"}) + "\n",
+                                         encoding="utf-8")
         lora_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if sidecar:

@@ -249,7 +249,7 @@ def ensure_peft_dir(source: AdapterSource, out_dir: Path, device: str | None = "
     from deltameta.deltas.export import export_peft
 
     logger.info("exporting the meta-state %s to %s", source.meta_state, out_dir)
-    export_peft(source.meta_state, out_dir, device=device, max_length=max_length)
+    export_peft(source.meta_state, out_dir, device=device, max_length=max_length, overwrite=True)
     return dataclasses.replace(
         source,
         peft_dir=out_dir,

@@ -35,7 +35,7 @@ from deltameta.finetune import common
 from deltameta.finetune.adapters import SIDECAR_FILES, check_base_matches, ensure_peft_dir, resolve_adapter
 from deltameta.finetune.config import FinetuneConfig
 from deltameta.finetune.data import encode_items, group_by_task, load_finetune_data
-from deltameta.output_dir import prepare_output_dir
+from deltameta.output_dir import prepare_output_dir, start_fresh
 from deltameta.tasks.encoding import collate_rows
 
 logger = logging.getLogger(__name__)
@@ -345,12 +345,15 @@ def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[n
         DataError: the task source cannot be read.
         ModelLoadError, MetaStateError: the adapter is missing, unfinished or for another base.
     """
+    existed = Path(config.output_dir).expanduser().exists()
     out = prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "finetune")
     try:
         trainer = _Trainer(config, out, model)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing was trained: leave no half-made run behind
+        if not existed:  # nothing was trained: leave no half-made run behind (never a previous one)
+            shutil.rmtree(out, ignore_errors=True)
         raise
+    start_fresh(out, RUN_MARKERS, keep=("start_adapter",))  # replace a previous run only now, after all checks
     try:
         return trainer.train()
     except BaseException as error:
