@@ -66,6 +66,18 @@ def fsync_tree(path: str | os.PathLike) -> None:
     _fsync_path(path)
 
 
+def _usual_modes(directory: Path) -> None:
+    """Give everything under ``directory`` the modes the umask allows (some writers create ``0600`` files)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o777 & ~mask)
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                os.chmod(path, (0o666 | (path.stat().st_mode & 0o111)) & ~mask)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically (Linux ``renameat2``); return whether it was done."""
     if not hasattr(os, "uname") or os.uname().sysname != "Linux":
@@ -214,6 +226,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        _usual_modes(tmp)
         fsync_tree(tmp)
         _test_pause("directory", path)
     except BaseException:

@@ -37,6 +37,7 @@ from deltameta.deltas.config import parse_op
 from deltameta.deltas.model import collect_sigma_means, delta_layers, task_embedding
 from deltameta.deltas.state import MetaState, build_from_meta_state, load_meta_state
 from deltameta.errors import DataError, DeltametaError, ModelLoadError
+from deltameta.integrity import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -479,7 +480,7 @@ def check_adapter_fits(base_model: nn.Module, directory: str | Path) -> None:
     adapter_cfg = json.loads(config_file.read_text(encoding="utf-8"))
     expected = adapter_cfg.get("base_model_name_or_path")
     actual, known = _base_identity(base_model)
-    weights = load_file(str(directory / "adapter_model.safetensors"))
+    weights = load_file(str(check_safetensors(directory / "adapter_model.safetensors", ModelLoadError)))
     problems = []
     for module_name in adapter_cfg.get("target_modules") or []:
         try:
@@ -493,9 +494,16 @@ def check_adapter_fits(base_model: nn.Module, directory: str | Path) -> None:
         if a is not None and b is not None and (a.shape[1] != in_f or b.shape[0] != out_f):
             problems.append(f"'{module_name}' is {in_f}->{out_f} but the adapter expects {a.shape[1]}->{b.shape[0]}")
     if problems:
+        detail = "; ".join(problems[:3])
+        if expected and actual and expected == actual:  # same name, other shapes: the adapter or base differs
+            raise ModelLoadError(
+                f"the adapter in '{directory}' does not fit the given base model '{actual}' although both name it: "
+                f"{detail}. The adapter's weights do not match its adapter_config.json, or the base was built "
+                "differently; re-export the adapter from its run."
+            )
         raise ModelLoadError(
             f"the adapter in '{directory}' was exported for base model '{expected}', which does not match the "
-            f"given base model '{actual}': " + "; ".join(problems[:3]) + "."
+            f"given base model '{actual}': {detail}."
         )
     if expected and actual and expected != actual:
         message = (f"the adapter in '{directory}' was exported for base model '{expected}', but the given base "
@@ -533,7 +541,7 @@ def load_meta_adapter(base_model: nn.Module, directory: str | Path, adapter_name
         if not meta_file.is_file():
             raise DeltametaError(f"'{directory}' has {SIDECAR} but lacks {SIDECAR_META}.")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / SIDECAR))
+        tensors = load_file(str(check_safetensors(directory / SIDECAR, ModelLoadError)))
         root = peft_model.base_model.model
         for name, info in meta["layers"].items():
             module = root.get_submodule(name)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltameta.atomic import atomic_directory
+from deltameta.integrity import check_safetensors
 from deltameta.deltas.config import DeltaConfig
 from deltameta.deltas.model import delta_parameters, inject_deltas
 from deltameta.errors import MetaStateError
@@ -152,16 +153,16 @@ def load_meta_state(directory: str | Path) -> MetaState:
     state = MetaState(
         path=path,
         delta_config=config,
-        deltas=load_file(str(path / "deltas.safetensors")),
+        deltas=load_file(str(check_safetensors(path / "deltas.safetensors"))),
         base=read_json("base.json"),
         extra=read_json("meta_state.json") if (path / "meta_state.json").is_file() else {},
     )
     if (path / "controller.safetensors").is_file():
-        state.controller_state = load_file(str(path / "controller.safetensors"))
+        state.controller_state = load_file(str(check_safetensors(path / "controller.safetensors")))
         state.controller_meta = read_json("controller.json")
     if (path / "fold_stats.safetensors").is_file():
         stats: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(str(path / "fold_stats.safetensors")).items():
+        for key, value in load_file(str(check_safetensors(path / "fold_stats.safetensors"))).items():
             if key == TASK_EMBEDDING_KEY:
                 state.task_embedding_mean = value
                 continue

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from deltameta.errors import ConfigError, MetaStateError, ModelLoadError
+from deltameta.integrity import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,12 @@ def resolve_adapter(given: str, what: str = "adapter") -> AdapterSource:
             if peft_dir is None:
                 raise
             meta_state = None
+    if peft_dir is not None:  # a truncated or missing weight file is one clear line, not a loader traceback
+        check_safetensors(peft_dir / "adapter_model.safetensors", ModelLoadError, f"{what}='{given}'")
+        if (peft_dir / SIDECAR_FILES[0]).exists():
+            for file in SIDECAR_FILES:
+                if file.endswith(".safetensors"):
+                    check_safetensors(peft_dir / file, ModelLoadError, f"{what}='{given}'")
     preparation = read_preparation(run_dir, meta_state)
     base = None
     if peft_dir is not None:

@@ -680,12 +680,19 @@ def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: boo
     dist, created = D.setup(config.device)
     try:
         D.check_run(config, dist)
+        existed = Path(config.output_dir).expanduser().exists()
         run_dir = dist.run_on_main(prepare_run_dir, config.output_dir, overwrite=overwrite, resume=resume)
         if resume:
             done = finished_result(run_dir, config)
             if done is not None:
                 return done
-        trainer = MetaTrainer(config, run_dir, resume=resume, model=model, dist=dist, overwrite=overwrite)
+        try:
+            trainer = MetaTrainer(config, run_dir, resume=resume, model=model, dist=dist, overwrite=overwrite)
+        except BaseException:
+            if not existed and dist.is_main:  # leave no empty folder behind a run that could not start
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
         return trainer.train()
     finally:
         if created:
