@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from deltameta.cli import main
-from deltameta.deltas.export import EXPORT_MARKER, export_peft
+from deltameta.deltas.export import export_peft
 from deltameta.errors import ConfigError
 from meta_helpers import TINY_RUN, tiny_config
 
@@ -67,7 +67,7 @@ def test_export_to_the_working_directory_is_a_clear_error(finished_run, tmp_path
 def test_export_replaces_a_previous_export_only_with_overwrite(finished_run, tmp_path, capsys):
     out = tmp_path / "adapter"
     assert main(["export", str(finished_run), "--out", str(out)]) == 0
-    assert (out / EXPORT_MARKER).is_file() and (out / "adapter_config.json").is_file()
+    assert (out / ".deltameta_export").is_file() and (out / "adapter_config.json").is_file()
     first = _tree(out)
     assert main(["export", str(finished_run), "--out", str(out)]) == 2
     assert "already holds a deltameta export; pass --overwrite" in capsys.readouterr().err
