@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltameta.atomic import atomic_directory
+from deltameta.atomic import atomic_directory, dumps_json
 from deltameta.integrity import check_safetensors
 from deltameta.deltas.config import DeltaConfig
 from deltameta.deltas.model import delta_parameters, inject_deltas
@@ -96,7 +96,7 @@ def save_meta_state(
         (tmp / "delta_config.json").write_text(config.to_json(), encoding="utf-8")
         save_file(tensors, str(tmp / "deltas.safetensors"))
         (tmp / "base.json").write_text(json.dumps(base.to_dict(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "meta_state.json").write_text(json.dumps(extra or {}, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "meta_state.json").write_text(dumps_json(extra or {}, indent=2) + "\n", encoding="utf-8")
         if controller is not None:
             state = {k: v.detach().to("cpu").contiguous() for k, v in controller.state_dict().items()}
             save_file(state, str(tmp / "controller.safetensors"))

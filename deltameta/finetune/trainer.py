@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltameta.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from deltameta.atomic import append_line, atomic_directory, atomic_write_json, atomic_write_text, dumps_json
 from deltameta.config import config_to_yaml
 from deltameta.finetune import common
 from deltameta.finetune.adapters import SIDECAR_FILES, check_base_matches, ensure_peft_dir, resolve_adapter
@@ -192,8 +192,7 @@ class _Trainer:
 
     def _log(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        append_line(self.metrics_path, dumps_json(clean))
         self.rows.append(clean)
 
     def _save(self, name: str) -> Path:
