@@ -18,7 +18,6 @@ Both adapter directories load with plain ``PeftModel.from_pretrained``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil

@@ -642,9 +642,11 @@ def finished_result(run_dir: Path, config: MetaTrainConfig) -> TrainResult | Non
     the steps it completed, which continues it from its last checkpoint.
     """
     status = read_status(run_dir)
-    if status.get("status") != "finished":
-        return None
     done = int(status.get("step") or 0)
+    found = ckpt.list_checkpoints(run_dir)
+    newest = found[-1][0] if found else 0
+    if status.get("status") != "finished" or not (run_dir / "final").is_dir() or newest != done:
+        return None  # not finished, or its outputs were removed / cut back: resume normally
     total = 0 if config.algorithm == "none" else config.outer_steps
     if total > done:
         logger.info("extending the finished run %s from step %d to outer_steps=%d", run_dir, done, total)
