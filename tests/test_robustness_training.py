@@ -254,6 +254,8 @@ def test_resuming_a_finished_run_changes_nothing_unless_it_extends_outer_steps(t
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
     assert main(["meta-train", "--resume", str(run), "shots=3"]) == 2
     assert "cannot change shots (only outer_steps=N" in capsys.readouterr().err
+    assert main(["meta-train", "--resume", str(run), f"shots={TINY_RUN['shots']}", "model=tiny-random-llama"]) == 0
+    assert "nothing changed" in capsys.readouterr().out, "repeating the saved values is not a change"
     assert main(["meta-train", "--resume", str(run), "outer_steps=3"]) == 0
     status = _strict((run / "run.json").read_text())
     assert status["status"] == "finished" and status["step"] == 3

@@ -65,7 +65,10 @@ def resolve_config(recipe: str | None, overrides: list[str], resume: str | None)
     if not saved.is_file():
         raise ConfigError(f"--resume {resume}: no {CONFIG_FILE} there; is it a meta-train run directory?")
     parsed = parse_overrides(overrides)
-    changed = sorted(k for k in parsed if k not in RESUME_MUTABLE and k not in (RESUME_EXTEND, "output_dir"))
+    before = build_config(MetaTrainConfig, saved, {"output_dir": str(resume)})
+    fixed = {k: v for k, v in parsed.items() if k not in RESUME_MUTABLE and k not in (RESUME_EXTEND, "output_dir")}
+    after = build_config(MetaTrainConfig, saved, {**fixed, "output_dir": str(resume)})  # unknown keys, types
+    changed = sorted(k for k in fixed if getattr(after, k) != getattr(before, k))  # the same value is fine
     if changed:
         raise ConfigError(
             f"--resume continues the run exactly as configured; cannot change {', '.join(changed)} "
