@@ -102,6 +102,16 @@ def test_a_run_in_which_no_step_succeeded_fails_and_exports_nothing(tmp_path, ca
     assert _strict((run / "run.json").read_text())["status"] == "failed"
 
 
+def test_a_run_whose_final_validation_is_not_finite_fails_and_exports_nothing(tmp_path):
+    """outer_lr=1e9: the first update is finite but so large that every later loss is NaN."""
+    config = tiny_config(tmp_path, controller="none", ops=["lora-2"], export=True, outer_lr=1e9, max_nonfinite=100)
+    with pytest.raises(TrainingError, match="final held-out loss is not finite.*nothing was exported"):
+        run_meta_train(config)
+    run = tmp_path / "run"
+    assert not (run / "final").exists() and not (run / "peft").exists()
+    assert _strict((run / "run.json").read_text())["status"] == "failed"
+
+
 def test_too_many_rolled_back_steps_stop_the_run(tmp_path):
     config = tiny_config(tmp_path, controller="none", ops=["lora-2"], max_nonfinite=2, outer_steps=6)
     trainer = MetaTrainer(config, prepare_run_dir(config.output_dir))

@@ -582,6 +582,10 @@ class MetaTrainer:
             reason = f"none of the {self.step} outer steps succeeded (every one was non-finite and skipped)"
         elif not self.meta_parameters_finite():
             reason = "the final meta-parameters are not finite"
+        elif self.last_validation is not None and not all(math.isfinite(v) for v in self.last_validation):
+            best = f"; best/ keeps the best finite state (held-out loss {self.best:.4g})" if self.best is not None else ""
+            reason = (f"the final held-out loss is not finite ({self.last_validation[1]}): the meta-parameters make "
+                      f"the model produce NaN/inf{best}")
         if reason is None:
             return
         if self.dist.is_main:
