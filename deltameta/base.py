@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -526,7 +527,23 @@ def _quantize_in_child(
         text=True,
     )
     if result.returncode != 0:
-        raise ModelLoadError(f"quantizing '{name}' to {quantization} failed:\n{result.stderr.strip()[-3000:]}")
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+        raise ModelLoadError(f"quantizing '{name}' to {quantization} failed: "
+                             f"{_load_failure(errors[-1] if errors else (lines[-1] if lines else 'no message'))}")
+
+
+def _load_failure(message: str) -> str:
+    """One line for a failed model load, with what to do when the Hub cannot be reached."""
+    text = " ".join(str(message).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    lowered = text.lower()
+    if any(word in lowered for word in ("couldn't connect", "could not connect", "offline", "name or service",
+                                        "connection", "localentrynotfound")):
+        text += (" The Hugging Face Hub cannot be reached and the model is not in the local cache: download it "
+                 "where there is network (hf download NAME), or pass model=/path/to/local/model.")
+    return text
 
 
 def is_prepared(name: str, quantization: str, double_quant: bool = False, revision: str | None = None) -> bool:
@@ -687,7 +704,7 @@ def load_base(
                     source, dtype=torch.float32, device_map={"": device}, use_safetensors=True, **kwargs
                 )
         except OSError as error:
-            raise ModelLoadError(f"could not load model '{model}' from '{source}': {error}") from error
+            raise ModelLoadError(f"could not load model '{model}' from '{source}': {_load_failure(error)}") from None
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

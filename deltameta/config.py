@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -203,18 +204,36 @@ def coerce(value: Any, annotation: Any, key: str, where: str = "") -> Any:
         raise fail()
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail() from None
-        raise fail()
+        else:
+            raise fail()
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r}{where}: expected a finite number (not nan or inf).")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise fail()
     return value
+
+
+def check_finite(config: Any) -> None:
+    """Refuse ``nan`` and infinities in every float field of a config dataclass.
+
+    Raises:
+        ConfigError: names the first non-finite key.
+    """
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for number in values:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{item.name}={value!r}: expected a finite number (not nan or inf).")
 
 
 def build_config(cls: type[T], recipe: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> T:
@@ -256,6 +275,7 @@ def build_config(cls: type[T], recipe: str | Path | None = None, overrides: list
                 raise ConfigError(f"unknown key '{key}'{where}.{hint}")
             values[key] = coerce(value, hints[key], key, where)
     config = cls(**values)
+    check_finite(config)
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()

@@ -23,7 +23,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="meta-training run directory (or a meta-state directory)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output adapter directory (replaced atomically)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output adapter directory: new or empty, or a previous deltameta export (with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous deltameta export in --out "
+                        "(nothing else is ever replaced)")
     parser.add_argument(
         "--task-examples",
         metavar="FILE",
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.push_to_hub:
         check_can_push(args.push_to_hub)  # before any work: offline or a malformed id fails at once
-    result = export_peft(args.run_dir, args.out, task_examples=args.task_examples, device=args.device)
+    result = export_peft(args.run_dir, args.out, task_examples=args.task_examples, device=args.device,
+                         overwrite=args.overwrite)
     kept = sum(op != "skip" for op in result.decisions.values())
     print(f"exported {kept} of {len(result.decisions)} sublayers to {result.path}")
     fold_line = describe_fold_error(result.fold_error)

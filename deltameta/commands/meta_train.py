@@ -12,6 +12,8 @@ logger = logging.getLogger(__name__)
 
 #: Keys that may differ from the saved config when resuming (they do not change the trajectory).
 RESUME_MUTABLE = ("progress", "plots", "export", "report_to")
+#: The one trajectory key a resume may change: ``outer_steps`` extends a finished or stopped run.
+RESUME_EXTEND = "outer_steps"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,11 +65,15 @@ def resolve_config(recipe: str | None, overrides: list[str], resume: str | None)
     if not saved.is_file():
         raise ConfigError(f"--resume {resume}: no {CONFIG_FILE} there; is it a meta-train run directory?")
     parsed = parse_overrides(overrides)
-    changed = sorted(k for k in parsed if k not in RESUME_MUTABLE and k != "output_dir")
+    before = build_config(MetaTrainConfig, saved, {"output_dir": str(resume)})
+    fixed = {k: v for k, v in parsed.items() if k not in RESUME_MUTABLE and k not in (RESUME_EXTEND, "output_dir")}
+    after = build_config(MetaTrainConfig, saved, {**fixed, "output_dir": str(resume)})  # unknown keys, types
+    changed = sorted(k for k in fixed if getattr(after, k) != getattr(before, k))  # the same value is fine
     if changed:
         raise ConfigError(
             f"--resume continues the run exactly as configured; cannot change {', '.join(changed)} "
-            f"(only {', '.join(RESUME_MUTABLE)} may be given). Start a new run instead."
+            f"(only {RESUME_EXTEND}=N to extend it, and {', '.join(RESUME_MUTABLE)}, may be given). "
+            "Start a new run instead."
         )
     parsed["output_dir"] = str(resume)
     return build_config(MetaTrainConfig, saved, parsed)
@@ -81,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args.config, args.overrides, args.resume)
     result = run_meta_train(config, overwrite=args.overwrite, resume=args.resume is not None)
     if env_world()[0] != 0:  # under torchrun / accelerate launch, rank 0 reports
+        return 0
+    if result.already_finished:
+        print(f"meta-train: {result.run_dir} already finished at step {result.steps}; nothing changed "
+              f"(pass outer_steps=N with N > {result.steps} to train it further)")
         return 0
     lines = [f"meta-train finished: {result.steps} steps in {result.seconds:.0f} s ({result.skipped} skipped)",
              f"run directory: {result.run_dir}"]

@@ -62,7 +62,10 @@ def gumbel_softmax(
     Returns:
         One-hot samples in the forward pass when ``hard`` (gradients of the soft sample).
     """
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    # The noise is drawn where the generator lives (a CPU generator on CUDA logits would fail) and then
+    # moved, so a seeded sample is the same on every device.
+    device = generator.device if generator is not None else logits.device
+    uniform = torch.rand(logits.shape, generator=generator, device=device, dtype=logits.dtype).to(logits.device)
     exponential = (-torch.log(uniform.clamp_min(1e-10))).clamp_min(1e-10)
     gumbels = -torch.log(exponential)
     soft = torch.softmax((logits + gumbels) / tau, dim=-1)

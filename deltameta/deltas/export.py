@@ -55,6 +55,7 @@ from deltameta.deltas.inner_loop import EXPORT_RATES_FILE, save_rates
 from deltameta.deltas.model import collect_fold_moments, delta_layers, task_embedding
 from deltameta.deltas.state import MetaState, build_from_meta_state, load_meta_state
 from deltameta.errors import DataError, DeltametaError, ModelLoadError
+from deltameta.integrity import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ EXPORT_SCHEMA = 1
 DELTAS_FILE = "deltameta_deltas.safetensors"
 #: The architecture controller's weights (+ its metadata in ``deltameta.json["controller"]``).
 CONTROLLER_FILE = "deltameta_controller.safetensors"
+#: Marker file of a deltameta export (an export may be replaced only where this and adapter_config.json are).
+EXPORT_MARKER = ".deltameta_export"
 #: Fold input used when neither task examples nor stored fold statistics exist.
 DEFAULT_FOLD_TEXT = "The quick brown fox jumps over the lazy dog. Question: what is 2 + 3? Answer: 5."
 
@@ -181,6 +184,59 @@ def _device_of(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def is_export_dir(path: str | Path) -> bool:
+    """Return whether ``path`` holds a previous deltameta export (``adapter_config.json`` + marker)."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return False
+    if (path / EXPORT_MARKER).is_file() or (path / SIDECAR_META).is_file():
+        return True
+    card = path / "README.md"  # exports written before the marker existed: the card names deltameta
+    try:
+        return card.is_file() and "deltameta" in card.read_text(encoding="utf-8", errors="replace")[:4000]
+    except OSError:
+        return False
+
+
+def check_export_dir(out_dir: str | Path, source: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Check that an export may be written to ``out_dir``; never deletes anything.
+
+    Args:
+        out_dir: The destination.
+        source: The run or meta-state directory exported (refused as a destination, with its parents).
+        overwrite: Replace a previous deltameta export there.
+
+    Returns:
+        ``out_dir``, absolute.
+
+    Raises:
+        ConfigError: ``out_dir`` is the working directory, the source or one of its parents, a file,
+            a non-empty folder that is not a deltameta export, or an export (without ``overwrite``).
+    """
+    from deltameta.errors import ConfigError
+
+    given = out_dir
+    out = Path(out_dir).expanduser().resolve()
+    if out == Path.cwd().resolve() or out.parent == out:
+        raise ConfigError(f"--out '{given}' is the current (or root) directory; give a new directory for the adapter, "
+                          "e.g. --out my-adapter.")
+    if source is not None:
+        src = Path(source).expanduser().resolve()
+        if src == out or out in src.parents:
+            raise ConfigError(f"--out '{given}' would replace the exported run '{source}' (or a folder holding it); "
+                              "give a directory outside it, e.g. --out my-adapter.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{given}' is a file; give a directory.")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_export_dir(out):
+            raise ConfigError(f"--out '{given}' is not empty and holds no deltameta export; refusing to replace it "
+                              "(even with --overwrite). Choose an empty or new directory.")
+        if not overwrite:
+            raise ConfigError(f"--out '{given}' already holds a deltameta export; pass --overwrite to replace it, "
+                              "or choose another directory.")
+    return out
+
+
 def export_peft(
     source: str | Path | MetaState,
     out_dir: str | Path,
@@ -190,6 +246,7 @@ def export_peft(
     max_length: int = 512,
     built: tuple[nn.Module, Any, Any] | None = None,
     structure_embedding: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export a meta-trained run (or meta-state) as a PEFT LoRA adapter directory.
 
@@ -206,17 +263,21 @@ def export_peft(
             ``finetune`` trained); default: built from the meta-state.
         structure_embedding: Task embedding a task-conditioned controller chooses the structure
             from (overrides ``task_examples`` for the structure).
+        overwrite: Replace a previous deltameta export in ``out_dir`` (anything else there is refused).
 
     Returns:
         An :class:`ExportResult`.
 
     Raises:
+        ConfigError: ``out_dir`` holds something other than a deltameta export, an export (without
+            ``overwrite``), or is the source run or one of its parents (see :func:`check_export_dir`).
         MetaStateError: the run has no finished state.
         DataError: task examples in a wrong format.
         DeltametaError: the controller skipped every sublayer.
     """
     from peft import LoraConfig
 
+    check_export_dir(out_dir, None if isinstance(source, MetaState) else source, overwrite)
     state = source if isinstance(source, MetaState) else load_meta_state(source)
     examples = load_task_examples(task_examples) if task_examples is not None else None
     model, tokenizer, controller = built if built is not None else build_from_meta_state(state, device=device)
@@ -380,6 +441,8 @@ def export_peft(
     table = controller.decision_table(list(decisions.values()), probs[0] if probs is not None and probs.dim() == 3 else probs) if controller else None
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": 1, "writer": "deltameta export"}) + "\n",
+                                         encoding="utf-8")
         lora_config.save_pretrained(str(tmp))
         metadata = {"format": "pt"}
         if state.base.get("weights"):  # the exact base weights, also in the card
@@ -588,7 +651,7 @@ def check_adapter_fits(base_model: nn.Module, directory: str | Path) -> None:
     adapter_cfg = json.loads(config_file.read_text(encoding="utf-8"))
     expected = adapter_cfg.get("base_model_name_or_path")
     actual, known = _base_identity(base_model)
-    weights = load_file(str(directory / "adapter_model.safetensors"))
+    weights = load_file(str(check_safetensors(directory / "adapter_model.safetensors", ModelLoadError)))
     problems = []
     for module_name in adapter_cfg.get("target_modules") or []:
         try:
@@ -602,9 +665,16 @@ def check_adapter_fits(base_model: nn.Module, directory: str | Path) -> None:
         if a is not None and b is not None and (a.shape[1] != in_f or b.shape[0] != out_f):
             problems.append(f"'{module_name}' is {in_f}->{out_f} but the adapter expects {a.shape[1]}->{b.shape[0]}")
     if problems:
+        detail = "; ".join(problems[:3])
+        if expected and actual and expected == actual:  # same name, other shapes: the adapter or base differs
+            raise ModelLoadError(
+                f"the adapter in '{directory}' does not fit the given base model '{actual}' although both name it: "
+                f"{detail}. The adapter's weights do not match its adapter_config.json, or the base was built "
+                "differently; re-export the adapter from its run."
+            )
         raise ModelLoadError(
             f"the adapter in '{directory}' was exported for base model '{expected}', which does not match the "
-            f"given base model '{actual}': " + "; ".join(problems[:3]) + "."
+            f"given base model '{actual}': {detail}."
         )
     if expected and actual and expected != actual:
         message = (f"the adapter in '{directory}' was exported for base model '{expected}', but the given base "
@@ -642,7 +712,7 @@ def load_meta_adapter(base_model: nn.Module, directory: str | Path, adapter_name
         if not meta_file.is_file():
             raise DeltametaError(f"'{directory}' has {SIDECAR} but lacks {SIDECAR_META}.")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / SIDECAR))
+        tensors = load_file(str(check_safetensors(directory / SIDECAR, ModelLoadError)))
         root = peft_model.base_model.model
         for name, info in meta["layers"].items():
             module = root.get_submodule(name)

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltameta.atomic import atomic_directory
+from deltameta.atomic import atomic_directory, dumps_json
+from deltameta.integrity import check_safetensors
 from deltameta.deltas.config import DeltaConfig
 from deltameta.deltas.inner_loop import STATE_RATES_FILE, InnerLoopRecord, load_rates, record_from_config, save_rates
 from deltameta.deltas.model import delta_parameters, inject_deltas
@@ -129,7 +130,7 @@ def save_meta_state(
         (tmp / "delta_config.json").write_text(config.to_json(), encoding="utf-8")
         save_file(tensors, str(tmp / "deltas.safetensors"))
         (tmp / "base.json").write_text(json.dumps(base.to_dict(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "meta_state.json").write_text(json.dumps(extra, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "meta_state.json").write_text(dumps_json(extra or {}, indent=2) + "\n", encoding="utf-8")
         if inner_lrs:
             save_rates(tmp / STATE_RATES_FILE, inner_lrs)
         if controller is not None:
@@ -195,18 +196,18 @@ def load_meta_state(directory: str | Path) -> MetaState:
     state = MetaState(
         path=path,
         delta_config=config,
-        deltas=load_file(str(path / "deltas.safetensors")),
+        deltas=load_file(str(check_safetensors(path / "deltas.safetensors"))),
         base=read_json("base.json"),
         extra=read_json("meta_state.json") if (path / "meta_state.json").is_file() else {},
     )
     if (path / "controller.safetensors").is_file():
-        state.controller_state = load_file(str(path / "controller.safetensors"))
+        state.controller_state = load_file(str(check_safetensors(path / "controller.safetensors")))
         state.controller_meta = read_json("controller.json")
     if (path / "fold_stats.safetensors").is_file():
         stats: dict[str, dict[str, torch.Tensor]] = {}
         moments: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         heldout: dict[str, torch.Tensor] = {}
-        for key, value in load_file(str(path / "fold_stats.safetensors")).items():
+        for key, value in load_file(str(check_safetensors(path / "fold_stats.safetensors"))).items():
             if key == TASK_EMBEDDING_KEY:
                 state.task_embedding_mean = value
                 continue

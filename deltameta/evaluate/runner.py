@@ -40,7 +40,7 @@ from deltameta.evaluate.config import ADAPTER_OF, METHODS, TRAINING_METHODS, Eva
 from deltameta.evaluate.report import markdown_table, summarize, write_plots
 from deltameta.finetune import common
 from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, recorded_inner_loop, resolve_adapter
-from deltameta.output_dir import prepare_output_dir
+from deltameta.output_dir import prepare_output_dir, start_fresh
 
 logger = logging.getLogger(__name__)
 
@@ -549,12 +549,15 @@ def run_evaluate(config: EvaluateConfig, overwrite: bool = False, model: tuple[A
     """
     import shutil
 
+    existed = Path(config.output_dir).expanduser().exists()
     out = prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "evaluate")
     try:
         evaluator = Evaluator(config, out, model)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        if not existed:  # remove only the folder made here, never previous results
+            shutil.rmtree(out, ignore_errors=True)
         raise
+    start_fresh(out, RUN_MARKERS, keep=("adapters",))  # replace previous results only now, after all checks
     atomic_write_text(out / "config.yaml", config_to_yaml(config))
     from deltameta.base import base_record
 
@@ -616,7 +619,7 @@ def merge_evaluations(directories: list[str], output_dir: str, overwrite: bool =
             raise ConfigError(f"'{directory}' holds no {RESULTS_FILE}; pass output dirs of finished evaluations.")
         parts.append(json.loads(path.read_text()))
     results = merge_results(parts)
-    out = prepare_output_dir(output_dir, RUN_MARKERS, overwrite, "evaluate")
+    out = start_fresh(prepare_output_dir(output_dir, RUN_MARKERS, overwrite, "evaluate"), RUN_MARKERS)
     atomic_write_json(out / RESULTS_FILE, results)
     atomic_write_text(out / TABLE_FILE, markdown_table(results))
     write_plots(out, results)

@@ -19,6 +19,7 @@ import yaml
 
 from deltameta.errors import ConfigError, MetaStateError, ModelLoadError
 from deltameta.hub import download_adapter, looks_like_hub_id
+from deltameta.integrity import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,12 @@ def resolve_adapter(given: str, what: str = "adapter") -> AdapterSource:
             if peft_dir is None:
                 raise
             meta_state = None
+    if peft_dir is not None:  # a truncated or missing weight file is one clear line, not a loader traceback
+        check_safetensors(peft_dir / "adapter_model.safetensors", ModelLoadError, f"{what}='{given}'")
+        if (peft_dir / SIDECAR_FILES[0]).exists():
+            for file in SIDECAR_FILES:
+                if file.endswith(".safetensors"):
+                    check_safetensors(peft_dir / file, ModelLoadError, f"{what}='{given}'")
     preparation = read_preparation(run_dir, meta_state)
     base = None
     if peft_dir is not None:
@@ -255,7 +262,7 @@ def ensure_peft_dir(source: AdapterSource, out_dir: Path, device: str | None = "
     from deltameta.deltas.export import export_peft
 
     logger.info("exporting the meta-state %s to %s", source.meta_state, out_dir)
-    export_peft(source.meta_state, out_dir, device=device, max_length=max_length)
+    export_peft(source.meta_state, out_dir, device=device, max_length=max_length, overwrite=True)
     return dataclasses.replace(
         source,
         peft_dir=out_dir,

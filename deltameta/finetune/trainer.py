@@ -43,13 +43,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltameta.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from deltameta.atomic import append_line, atomic_directory, atomic_write_json, atomic_write_text, dumps_json
 from deltameta.config import config_to_dict, config_to_yaml
 from deltameta.finetune import common
 from deltameta.finetune.adapters import SIDECAR_FILES, check_base_matches, ensure_peft_dir, resolve_adapter
 from deltameta.finetune.config import FinetuneConfig
 from deltameta.finetune.data import encode_items, group_by_task, load_finetune_data
-from deltameta.output_dir import prepare_output_dir
+from deltameta.output_dir import prepare_output_dir, start_fresh
 from deltameta.reporting import Reporter
 from deltameta.schedule import make_scheduler
 from deltameta.tasks.encoding import collate_rows
@@ -285,8 +285,7 @@ class _Trainer:
 
     def _log(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        append_line(self.metrics_path, dumps_json(clean))
         self.rows.append(clean)
         self.reporter.log(clean)
 
@@ -324,7 +323,7 @@ class _Trainer:
         try:
             export_peft(state, target, task_examples=[{"input": i, "output": o} for i, o in examples] or None,
                         built=(self.model, self.tokenizer, controller), structure_embedding=self.embedding,
-                        max_length=self.config.max_length)
+                        max_length=self.config.max_length, overwrite=True)
         finally:
             self.model.train(was_training)
         return target
@@ -428,7 +427,7 @@ class _Trainer:
             inner = None  # the recorded inner loop ran before the first checkpoint
             self.resume_state = None
             kept = [line for line in _read_rows(self.metrics_path) if line.get("step", 0) <= self.step]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.metrics_path, "".join(dumps_json(r) + "\n" for r in kept))
             self.rows = kept
             logger.info("resuming %s at step %d of %d", self.out, self.step, self.total)
             self.reporter = Reporter(c.report_to, self.out, config_to_dict(c), "finetune", resume=True)
@@ -519,9 +518,21 @@ class _Trainer:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a finetune ``metrics.jsonl``; a last line cut short by a kill is dropped with a warning."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for position, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if position != len(lines) - 1:
+                from deltameta.errors import MetaStateError
+
+                raise MetaStateError(f"{path} line {position + 1} is not valid JSON; the metrics file is damaged.") from None
+            logger.warning("%s: dropped its last line, cut short by an interrupted write", path)
+    return rows
 
 
 def read_checkpoint(out: Path) -> dict[str, Any]:
@@ -622,12 +633,15 @@ def run_finetune(config: FinetuneConfig, overwrite: bool = False, model: tuple[n
         out = Path(config.output_dir).expanduser()
         trainer = _Trainer(config, out, model, resume=True)
     else:
+        existed = Path(config.output_dir).expanduser().exists()
         out = prepare_output_dir(config.output_dir, RUN_MARKERS, overwrite, "finetune", resumable=True)
         try:
             trainer = _Trainer(config, out, model)
         except BaseException:
-            shutil.rmtree(out, ignore_errors=True)  # nothing was trained: leave no half-made run behind
+            if not existed:  # nothing was trained: leave no half-made run behind (never a previous one)
+                shutil.rmtree(out, ignore_errors=True)
             raise
+        start_fresh(out, RUN_MARKERS, keep=("start_adapter",))  # replace a previous run only now, after all checks
     try:
         return trainer.train()
     except BaseException as error:

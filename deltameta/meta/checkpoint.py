@@ -121,4 +121,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means an unreadable checkpoint
-        raise CheckpointError(f"checkpoint '{file}' cannot be read ({type(error).__name__}: {error}).") from error
+        raise CheckpointError(f"checkpoint '{file}' is damaged or not a deltameta checkpoint ({_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    """One line of why ``torch.load`` failed, without torch's advice to load unsafely."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    if not first or "weights_only" in first or "Weights only load failed" in first:
+        first = "it holds data that is not a plain checkpoint" if "Weights only" in str(error) else "unreadable"
+    return f"{type(error).__name__}: {first[:200]}"

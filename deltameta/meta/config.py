@@ -111,6 +111,9 @@ class MetaTrainConfig(BaseModelKeys):
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
         if self.shots == 0 and self.algorithm != "multitask":
             raise ConfigError(f"shots=0 leaves nothing to adapt on; algorithm={self.algorithm} needs shots >= 1.")
+        from deltameta.config import check_finite
+
+        check_finite(self)
         for key in ("inner_lr", "outer_lr", "controller_lr", "tau_start", "tau_end", "alpha"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a positive number.")

@@ -16,6 +16,7 @@ Layout of ``RUN_DIR``::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import time
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from deltameta import output_dir
-from deltameta.atomic import atomic_write_json, atomic_write_text
+from deltameta.atomic import append_line, atomic_write_json, atomic_write_text, clean_stale, dumps_json
 from deltameta.config import config_to_yaml
-from deltameta.errors import ConfigError
+from deltameta.errors import ConfigError, MetaStateError
+
+logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -41,11 +44,15 @@ def holds_run(path: Path) -> bool:
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Check (and with ``overwrite``, clear) the output directory of a new run.
+    """Check the output directory of a new run (deleting nothing), or of a resumed one.
+
+    With ``overwrite`` a previous run stays until the new run has been set up (see
+    :meth:`deltameta.meta.trainer.MetaTrainer.train`). Temporary folders a killed run left are
+    removed when it is resumed.
 
     Args:
         path: ``output_dir``.
-        overwrite: Remove a previous run found there.
+        overwrite: A previous run found there may be replaced.
         resume: The caller resumes the run there (the directory must hold a run).
 
     Returns:
@@ -59,6 +66,8 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = Fa
     if resume:
         if not holds_run(path):
             raise ConfigError(f"--resume {path}: no deltameta run there (expected {CONFIG_FILE} and checkpoints/).")
+        for stale in clean_stale(path):
+            logger.info("removed %s, left by an interrupted write", stale)
         return path
     return output_dir.prepare_output_dir(path, RUN_MARKERS, overwrite, resumable=True)
 
@@ -66,6 +75,15 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = Fa
 def write_config(run_dir: Path, config: Any) -> None:
     """Write the resolved config as ``config.yaml``."""
     atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(config))
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """Return ``run.json`` (``{}`` when missing or unreadable)."""
+    try:
+        data = json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:
@@ -102,7 +120,8 @@ class MetricsLog:
     """Append-only metrics: ``metrics.jsonl``, each row also sent to the ``report_to`` trackers.
 
     On resume, rows after the resumed step are dropped first so the file matches an
-    uninterrupted run.
+    uninterrupted run; a last line cut short by a kill is dropped with a warning. Each row is
+    synced to disk as it is appended.
 
     Args:
         run_dir: The run directory.
@@ -114,20 +133,29 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
         self.rows: list[dict[str, Any]] = []
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
+            lines = [(n, line) for n, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace")
+                                                           .splitlines(), 1) if line.strip()]
+            for position, (number, line) in enumerate(lines):
+                try:
                     row = json.loads(line)
-                    if truncate_after is None or row.get("step", 0) <= truncate_after:
-                        self.rows.append(row)
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+                    if not isinstance(row, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as error:
+                    if position == len(lines) - 1:
+                        logger.warning("%s: dropped its last line %d, cut short by an interrupted write", self.path, number)
+                        break
+                    raise MetaStateError(f"{self.path} line {number} is not a JSON object ({error}); "
+                                         "the metrics file is damaged.") from None
+                if truncate_after is None or row.get("step", 0) <= truncate_after:
+                    self.rows.append(row)
+            atomic_write_text(self.path, "".join(dumps_json(r) + "\n" for r in self.rows))
         self.reporter = reporter
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row (``step`` and ``kind`` plus numbers)."""
         row = {k: _clean(v) for k, v in row.items()}
         self.rows.append(row)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_line(self.path, dumps_json(row))
         if self.reporter is not None:
             self.reporter.log(row)
 

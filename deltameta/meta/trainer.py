@@ -21,8 +21,10 @@ every meta-batch and the meta-gradients are summed before the step (see
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -31,13 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltameta.atomic import atomic_write_text
 from deltameta.errors import DeltametaError
 from deltameta.meta import checkpoint as ckpt
 from deltameta.meta import data
 from deltameta.meta import distributed as D
 from deltameta.meta.algorithms import InnerLoop, MetaAlgorithm, TaskResult, _mean_results, evaluate_task, make_algorithm
 from deltameta.meta.config import MetaTrainConfig
-from deltameta.meta.run_dir import MetricsLog, write_config, write_plots, write_status
+from deltameta.meta.run_dir import MetricsLog, read_status, write_config, write_plots, write_status
 from deltameta.schedule import make_scheduler
 from deltameta.tasks.seeding import derive_seed
 
@@ -61,6 +64,7 @@ class TrainResult:
         best_validation: Lowest held-out query loss after adaptation seen.
         seconds: Wall-clock time of the training loop.
         export_error: Why the PEFT export failed, or ``None``.
+        already_finished: A resumed run had already finished; nothing was changed.
     """
 
     run_dir: Path
@@ -71,6 +75,7 @@ class TrainResult:
     best_validation: float | None
     seconds: float
     export_error: str | None = None
+    already_finished: bool = False
 
 
 def _memory_mb() -> float:
@@ -97,15 +102,23 @@ class MetaTrainer:
             the base named by ``config.model`` is loaded.
         dist: The process's place in a distributed run; default: the initialised process group,
             if any (see :func:`deltameta.meta.distributed.current`).
+        overwrite: ``run_dir`` may hold a previous run: :meth:`train` replaces it (atomically) when it
+            starts, after this constructor has checked the config, data and model.
+
+    Setting up writes nothing into ``run_dir``.
     """
 
     def __init__(self, config: MetaTrainConfig, run_dir: str | Path, resume: bool = False,
-                 model: tuple[nn.Module, Any] | None = None, dist: D.DistContext | None = None) -> None:
+                 model: tuple[nn.Module, Any] | None = None, dist: D.DistContext | None = None,
+                 overwrite: bool = False) -> None:
         self.config = config
         self.dist = dist if dist is not None else D.current()
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.overwrite = overwrite
         self._preloaded = model
+        self._metrics: Any = None
+        self._start_step = 0
         self.step = 0
         self.skipped = 0
         self.nonfinite_run = 0
@@ -113,7 +126,24 @@ class MetaTrainer:
         self.tokens_total = 0
         self.initial_validation: tuple[float, float] | None = None
         self.last_validation: tuple[float, float] | None = None
+        self.rolled_back = 0
         self._setup()
+
+    @property
+    def metrics(self) -> MetricsLog | D.NullMetricsLog:
+        """The run's metrics log, opened on first use (so that setting up writes nothing)."""
+        if self._metrics is None:
+            if self.dist.is_main:
+                from deltameta.config import config_to_dict
+                from deltameta.reporting import Reporter
+
+                c = self.config
+                reporter = Reporter(c.report_to, self.run_dir, config_to_dict(c), "meta-train", resume=self.resume)
+                self._metrics = MetricsLog(self.run_dir, truncate_after=self._start_step if self.resume else None,
+                                           reporter=reporter)
+            else:
+                self._metrics = D.NullMetricsLog()
+        return self._metrics
 
     # ------------------------------------------------------------------------------ setup
 
@@ -169,17 +199,13 @@ class MetaTrainer:
             val_sampler = data.make_sampler(self.splits.validation, c, c.seed + 7919, "validation")
             self.val_batches = [self._encode(val_sampler.episode(i)) for i in range(c.eval_tasks)]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        start_step = 0
         if self.resume:
-            start_step = self._load_latest()
-        if self.dist.is_main:
-            from deltameta.config import config_to_dict
-            from deltameta.reporting import Reporter
+            self._start_step = self._load_latest()
+            if c.algorithm != "none" and self._start_step > c.outer_steps:
+                from deltameta.errors import ConfigError
 
-            reporter = Reporter(c.report_to, self.run_dir, config_to_dict(c), "meta-train", resume=self.resume)
-            self.metrics = MetricsLog(self.run_dir, truncate_after=start_step if self.resume else None, reporter=reporter)
-        else:
-            self.metrics = D.NullMetricsLog()
+                raise ConfigError(f"outer_steps={c.outer_steps} is below step {self._start_step} of the newest checkpoint "
+                                  f"of {self.run_dir}; pass outer_steps={self._start_step} or more.")
 
     def _encode(self, episode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         support = data.encode(self.tokenizer, episode.task, episode.support, self.config.max_length)
@@ -279,23 +305,32 @@ class MetaTrainer:
         params = self._meta_parameters()
         self.dist.all_reduce_grads(params)
         finite = result.finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        rolled_back = False
         if finite:
-            self.nonfinite_run = 0
             if c.meta_clip > 0:
                 row["meta_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
+            saved = self._snapshot(params)
             self.optimizer.step()
             self.algorithm.after_outer_step()
             if self.controller_optimizer is not None:
                 self.controller_optimizer.step()
-        else:
+            if all(bool(torch.isfinite(p).all()) for p in params):
+                self.nonfinite_run = 0
+            else:  # the update itself made a meta-parameter non-finite (e.g. a huge outer_lr): undo it
+                self._restore(params, saved)
+                finite, rolled_back = False, True
+                self.rolled_back += 1
+        if not finite:
             self.skipped += 1
             self.nonfinite_run += 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.controller_optimizer is not None:
                 self.controller_optimizer.zero_grad(set_to_none=True)
             if self.dist.is_main:
-                logger.warning("step %d: non-finite loss or gradient; step skipped (%d in a row, %d in total)",
-                               self.step + 1, self.nonfinite_run, self.skipped)
+                what = ("its update made meta-parameters non-finite; step rolled back" if rolled_back
+                        else "non-finite loss or gradient; step skipped")
+                logger.warning("step %d: %s (%d in a row, %d in total)", self.step + 1, what,
+                               self.nonfinite_run, self.skipped)
         self.scheduler.step()
         self.step += 1
         seconds = time.perf_counter() - started
@@ -306,6 +341,7 @@ class MetaTrainer:
             query_after=result.query_after,
             meta_loss=result.query_after,
             skipped=not finite,
+            rolled_back=rolled_back,
             skipped_total=self.skipped,
             tokens=result.tokens,
             tokens_per_s=result.tokens / max(seconds, 1e-9),
@@ -315,7 +351,8 @@ class MetaTrainer:
         self.metrics.log(row)
         if self.nonfinite_run >= c.max_nonfinite:
             last = ckpt.latest_checkpoint(self.run_dir)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            where = (f"the newest checkpoint (finite parameters; skipped steps leave them unchanged) is {last}"
+                     if last else "no checkpoint was written yet")
             if self.dist.is_main:
                 write_status(self.run_dir, "failed", reason="non-finite losses", step=self.step)
             raise TrainingError(
@@ -324,6 +361,24 @@ class MetaTrainer:
                 "or check the data."
             )
         return row
+
+    def _snapshot(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+        """Copy the meta-parameters and optimizer states before a step (for :meth:`_restore`)."""
+        return ([p.detach().clone() for p in params], copy.deepcopy(self.optimizer.state_dict()),
+                copy.deepcopy(self.controller_optimizer.state_dict()) if self.controller_optimizer else None)
+
+    def _restore(self, params: list[torch.Tensor], saved: tuple[list[torch.Tensor], dict[str, Any], Any]) -> None:
+        values, optimizer, controller_optimizer = saved
+        with torch.no_grad():
+            for param, value in zip(params, values):
+                param.copy_(value)
+        self.optimizer.load_state_dict(optimizer)
+        if controller_optimizer is not None:
+            self.controller_optimizer.load_state_dict(controller_optimizer)
+
+    def meta_parameters_finite(self) -> bool:
+        """Whether every meta-parameter (deltas, learned rates, controller) is finite."""
+        return all(bool(torch.isfinite(p).all()) for p in self._meta_parameters())
 
     def validate(self) -> tuple[float, float] | None:
         """Mean held-out query loss before and after adaptation (controller: argmax structure).
@@ -359,8 +414,9 @@ class MetaTrainer:
             "sampler": self.sampler.state_dict(),
             "rng": ckpt.rng_state(),
             "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run, "best": self.best,
-                         "tokens_total": self.tokens_total,
-                         "initial_validation": list(self.initial_validation) if self.initial_validation else None},
+                         "tokens_total": self.tokens_total, "rolled_back": self.rolled_back,
+                         "initial_validation": list(self.initial_validation) if self.initial_validation else None,
+                         "last_validation": list(self.last_validation) if self.last_validation else None},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,16 +438,32 @@ class MetaTrainer:
         self.step = int(state["step"])
         self.skipped = int(counters["skipped"])
         self.nonfinite_run = int(counters["nonfinite_run"])
-        self.best = counters["best"]
+        best = counters["best"]
+        self.best = best if best is not None and math.isfinite(best) else None
         self.tokens_total = int(counters["tokens_total"])
+        self.rolled_back = int(counters.get("rolled_back", 0))
         initial = counters.get("initial_validation")
         self.initial_validation = tuple(initial) if initial else None
+        last = counters.get("last_validation")
+        self.last_validation = tuple(last) if last else None
 
     def _read_latest(self) -> tuple[Path, dict[str, Any]]:
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is None:
+        """Load the newest readable checkpoint, falling back (one warning each) past damaged ones."""
+        found = ckpt.list_checkpoints(self.run_dir)
+        if not found:
             raise ckpt.CheckpointError(f"--resume {self.run_dir}: the run has no complete checkpoint to resume from.")
-        return latest, ckpt.load_checkpoint(latest)
+        errors = []
+        for _, directory in reversed(found):
+            try:
+                state = ckpt.load_checkpoint(directory)
+            except ckpt.CheckpointError as error:
+                errors.append(str(error))
+                logger.warning("%s; trying the previous checkpoint", error)
+                continue
+            if errors:
+                logger.warning("resuming from the previous intact checkpoint %s instead", directory.name)
+            return directory, state
+        raise ckpt.CheckpointError(f"--resume {self.run_dir}: no checkpoint can be read ({errors[-1]}).")
 
     def _load_latest(self) -> int:
         latest, state = self.dist.run_on_main(self._read_latest)  # rank 0 reads, every rank loads
@@ -469,10 +541,34 @@ class MetaTrainer:
         # algorithm=none (the fresh-adapter baseline) trains nothing: validate and export step 0
         total = 0 if c.algorithm == "none" else c.outer_steps
         if self.dist.is_main:
+            if not self.resume:
+                from deltameta import output_dir
+                from deltameta.meta.run_dir import RUN_MARKERS, holds_run
+
+                if holds_run(self.run_dir) and not self.overwrite:
+                    from deltameta.errors import ConfigError
+
+                    raise ConfigError(f"output_dir='{self.run_dir}' already holds a run; pass --overwrite to replace it.")
+                output_dir.start_fresh(self.run_dir, RUN_MARKERS)  # a previous run goes only now, atomically
             write_config(self.run_dir, c)
             from deltameta.base import base_record
 
             write_status(self.run_dir, "running", step=self.step, outer_steps=total, base=base_record(self.model))
+        try:
+            return self._train(total)
+        except KeyboardInterrupt:
+            if self.dist.is_main:
+                write_status(self.run_dir, "interrupted", step=self.step)
+            raise
+        except TrainingError:
+            raise  # the status is written where it is raised
+        except Exception as error:
+            if self.dist.is_main:
+                write_status(self.run_dir, "failed", step=self.step, reason=f"{type(error).__name__}: {error}")
+            raise
+
+    def _train(self, total: int) -> TrainResult:
+        c = self.config
         started = time.perf_counter()
         if self.step == 0 and not self.resume:
             self.initial_validation = self.validate()
@@ -489,7 +585,8 @@ class MetaTrainer:
                 last = self.step == total
                 if (c.eval_every and self.step % c.eval_every == 0) or last:
                     self.last_validation = self.validate()
-                    if self.last_validation is not None and (self.best is None or self.last_validation[1] < self.best):
+                    value = self.last_validation[1] if self.last_validation is not None else math.nan
+                    if math.isfinite(value) and (self.best is None or value < self.best):  # NaN never wins
                         self.best = self.last_validation[1]
                         if self.dist.is_main:
                             self._save_meta_state(self.run_dir / "best")
@@ -499,10 +596,29 @@ class MetaTrainer:
             if progress is not None:
                 progress.close()
         seconds = time.perf_counter() - started
+        self._check_trained(total)
         export_error = self.dist.run_on_main(self._finish)  # the other ranks wait for the outputs
         self.metrics.close()
         return TrainResult(self.run_dir, self.step, self.skipped, self.initial_validation, self.last_validation,
                            self.best, seconds, export_error)
+
+    def _check_trained(self, total: int) -> None:
+        """Refuse to write a final state when no step succeeded or the parameters are not finite."""
+        reason = None
+        if total > 0 and self.step - self.skipped <= 0:
+            reason = f"none of the {self.step} outer steps succeeded (every one was non-finite and skipped)"
+        elif not self.meta_parameters_finite():
+            reason = "the final meta-parameters are not finite"
+        elif self.last_validation is not None and not all(math.isfinite(v) for v in self.last_validation):
+            best = f"; best/ keeps the best finite state (held-out loss {self.best:.4g})" if self.best is not None else ""
+            reason = (f"the final held-out loss is not finite ({self.last_validation[1]}): the meta-parameters make "
+                      f"the model produce NaN/inf{best}")
+        if reason is None:
+            return
+        if self.dist.is_main:
+            write_status(self.run_dir, "failed", reason=reason, step=self.step, skipped=self.skipped)
+        raise TrainingError(f"{reason}; nothing was exported. Lower inner_lr/outer_lr, enable inner_clip/meta_clip, "
+                            "or check the data.")
 
     def _finish(self) -> str | None:
         c = self.config
@@ -512,7 +628,8 @@ class MetaTrainer:
             try:
                 from deltameta.deltas import export_peft
 
-                export_peft(self.run_dir, self.run_dir / "peft", device=self.device, max_length=c.max_length)
+                export_peft(self.run_dir, self.run_dir / "peft", device=self.device, max_length=c.max_length,
+                            overwrite=True)
             except Exception as error:  # noqa: BLE001 - the run itself succeeded; report the export failure
                 export_error = f"{type(error).__name__}: {error}"
                 logger.warning("PEFT export failed: %s", export_error)
@@ -528,8 +645,8 @@ class MetaTrainer:
                 with torch.no_grad():
                     probs = self.controller.probs(emb)
                 self.controller.decision_heatmap(self.run_dir / "plots" / "controller_decisions.png", decisions, probs)
-                (self.run_dir / "controller_decisions.txt").write_text(self.controller.decision_table(decisions, probs))
-        write_status(self.run_dir, "finished", step=self.step, skipped=self.skipped,
+                atomic_write_text(self.run_dir / "controller_decisions.txt", self.controller.decision_table(decisions, probs))
+        write_status(self.run_dir, "finished", step=self.step, skipped=self.skipped, rolled_back=self.rolled_back,
                      initial_validation=self.initial_validation, final_validation=self.last_validation,
                      best_validation=self.best, export_error=export_error)
         return export_error
@@ -547,6 +664,30 @@ def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="meta-train", unit="step", dynamic_ncols=True)
+
+
+def finished_result(run_dir: Path, config: MetaTrainConfig) -> TrainResult | None:
+    """For ``--resume`` of a run that finished: its result if ``outer_steps`` does not extend it, else ``None``.
+
+    A finished run is left unchanged (nothing is rewritten) unless ``outer_steps`` is larger than
+    the steps it completed, which continues it from its last checkpoint.
+    """
+    status = read_status(run_dir)
+    done = int(status.get("step") or 0)
+    found = ckpt.list_checkpoints(run_dir)
+    newest = found[-1][0] if found else 0
+    if status.get("status") != "finished" or not (run_dir / "final").is_dir() or newest != done:
+        return None  # not finished, or its outputs were removed / cut back: resume normally
+    total = 0 if config.algorithm == "none" else config.outer_steps
+    if total > done:
+        logger.info("extending the finished run %s from step %d to outer_steps=%d", run_dir, done, total)
+        return None
+    logger.warning("%s already finished at step %d; nothing to do (pass outer_steps=N with N > %d to train further)",
+                   run_dir, done, done)
+    pair = lambda value: tuple(value) if value else None  # noqa: E731
+    return TrainResult(run_dir, done, int(status.get("skipped") or 0), pair(status.get("initial_validation")),
+                       pair(status.get("final_validation")), status.get("best_validation"), 0.0,
+                       status.get("export_error"), already_finished=True)
 
 
 def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: bool = False,
@@ -572,8 +713,19 @@ def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: boo
     dist, created = D.setup(config.device)
     try:
         D.check_run(config, dist)
+        existed = Path(config.output_dir).expanduser().exists()
         run_dir = dist.run_on_main(prepare_run_dir, config.output_dir, overwrite=overwrite, resume=resume)
-        trainer = MetaTrainer(config, run_dir, resume=resume, model=model, dist=dist)
+        if resume:
+            done = finished_result(run_dir, config)
+            if done is not None:
+                return done
+        try:
+            trainer = MetaTrainer(config, run_dir, resume=resume, model=model, dist=dist, overwrite=overwrite)
+        except BaseException:
+            if not existed and dist.is_main:  # leave no empty folder behind a run that could not start
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
         return trainer.train()
     finally:
         if created:

@@ -59,6 +59,14 @@ def read_source(
     if text.startswith("hf:"):
         return read_hf(text[3:], columns, split=hf_split, config=hf_config, revision=revision)
     path = Path(text).expanduser()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as error:  # e.g. a name too long for the file system
+        shown = f"'{text}'" if len(text) <= 80 else f"'{text[:60]}...' ({len(text)} characters)"
+        raise DataError(f"task source {shown} cannot be read as a path ({error.strerror}); give an existing file or "
+                        "directory, 'builtin', or a hub id ('org/name' or 'hf:name').") from None
     if path.is_dir():
         files = sorted(bigbench_files(path) + [p for p in path.glob("*.jsonl") if p.is_file()])
         if not files:
