@@ -21,6 +21,9 @@ def test_adapter_has_card_and_peft_files(adapter):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"]
     assert (adapter / "adapter_model.safetensors").is_file()
+    baseline = adapter / "baseline-multitask"  # published beside its compute-matched baseline (adapters/README.md)
+    assert (baseline / "adapter_config.json").is_file() and (baseline / "README.md").is_file()
+    assert "deltameta evaluate" in card
 
 
 @pytest.mark.slow
