@@ -130,7 +130,28 @@ def test_free_form_generation_unchanged(scorer, demos):
     stopped = _reference_generate(logits_fn, prompt_ids, 8, {stop}, pad)
     assert greedy_generate(logits_fn, prompt_ids, 8, (stop,), pad) == stopped
     fast = score_free_form(logits_fn, tokenizer, FREE, TEMPLATE, in_context=in_context, batch_size=2)
-    assert len(fast.predictions) == len(FREE)
+    budget = max(len(t) for _, t in tokenize_pairs(tokenizer, prompts, [TEMPLATE.render_target(e.target) for e in FREE],
+                                                  add_eos=False)) + 4
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in _reference_generate(logits_fn, prompt_ids, budget, stops, pad)]
+    assert fast.predictions == [t.strip().split("\n", 1)[0].strip() if t.strip() else "" for t in texts]
+
+
+def test_generation_stops_once_the_first_line_is_complete(tiny_tokenizer):
+    """A row stops at the newline that ends its first non-blank line; the prediction is unchanged."""
+    tokenizer = tiny_tokenizer
+    script = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "\n42\nxyzwvu"]
+    calls = []
+
+    def scripted(ids, mask, past_key_values=None, **kwargs):  # emits script[step] at every step
+        calls.append(ids.shape[1])
+        logits = torch.zeros(ids.shape[0], ids.shape[1], len(tokenizer))
+        logits[:, -1, script[len(calls) - 1]] = 10.0
+        return logits
+
+    result = score_free_form(scripted, tokenizer, [Example("q", "42")], TEMPLATE, max_new_tokens=10)
+    assert result.predictions == ["42"] and result.exact == [True]
+    assert len(calls) == 4, "prefill + 3 steps: stopped at the second newline, not after 10 tokens"
 
 
 def test_packed_mask_blocks():

@@ -311,6 +311,7 @@ def greedy_generate(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     device: torch.device | str | None = None,
+    done: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding through ``logits_fn`` with a KV cache.
 
@@ -325,6 +326,8 @@ def greedy_generate(
         stop_ids: Tokens that end a generation (not included in the output).
         pad_id: Padding id.
         device: Where to put the batches.
+        done: Optional ``done(tokens_so_far) -> bool``: a row also stops (keeping its tokens)
+            once it returns true, e.g. when later tokens can no longer change what is scored.
 
     Returns:
         The generated token ids of each prompt.
@@ -361,6 +364,8 @@ def greedy_generate(
                 active[row] = False
             else:
                 outputs[row].append(token)
+                if done is not None and done(outputs[row]):
+                    active[row] = False
         if not any(active) or step == max_new_tokens - 1:
             break
         keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
@@ -417,7 +422,8 @@ def score_free_form(
         device: Where to put the batches.
 
     Returns:
-        Predictions and match rates; a prediction is the generated text up to the first newline.
+        Predictions and match rates; a prediction is the generated text up to the first newline
+        (after leading whitespace), so a row stops generating once that line is complete.
 
     Raises:
         ConfigError: no examples, or neither ``logits_fn`` nor ``generate_fn``.
@@ -436,10 +442,13 @@ def score_free_form(
         prompt_ids = [p[-max(1, max_length - max_new_tokens) :] for p, _ in pairs]
         stops = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
         texts = []
+
+        def first_line_complete(tokens: list[int]) -> bool:  # later tokens cannot change the prediction
+            return "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
         for start in range(0, len(prompt_ids), batch_size):
-            generated = greedy_generate(
-                logits_fn, prompt_ids[start : start + batch_size], max_new_tokens, stops, pad_token_id(tokenizer), device
-            )
+            generated = greedy_generate(logits_fn, prompt_ids[start : start + batch_size], max_new_tokens, stops,
+                                        pad_token_id(tokenizer), device, done=first_line_complete)
             texts.extend(tokenizer.decode(g, skip_special_tokens=True) for g in generated)
     else:
         raise ConfigError("score_free_form needs logits_fn or generate_fn.")
