@@ -134,6 +134,14 @@ def _diff(stats: dict[str, Any]) -> str:
     return text
 
 
+def _families(results: dict[str, Any]) -> str:
+    families = {entry.get("family") for entry in results["tasks"].values()}
+    text = f"{len(families)} families"
+    if results["config"].get("max_tasks"):
+        text += f", drawn spread over the split's families: max_tasks={results['config']['max_tasks']}"
+    return text
+
+
 def _query_sizes(results: dict[str, Any]) -> str:
     requested = results["config"]["query_size"]
     sizes = sorted({entry.get("query_size", requested) for entry in results["tasks"].values()})
@@ -153,7 +161,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"# Few-shot adaptation: {config['model']} ({config['quantization']}), tasks `{config['tasks']}`"
         + (f" split `{config['split']}`" if config.get("split") else ""),
         "",
-        f"{n_tasks} tasks x {config['episodes']} episodes, k={config['shots']} support / {_query_sizes(results)} query "
+        f"{n_tasks} tasks ({_families(results)}) x {config['episodes']} episodes, k={config['shots']} support / {_query_sizes(results)} query "
         f"examples per episode, seed {config['seed']}. Multiple choice by log-likelihood, free-form by exact match; "
         "`acc` sums the option's token log-likelihoods, `acc_norm` divides them by the option's token count "
         "(free form: match after normalising case, punctuation and articles).",
