@@ -160,8 +160,8 @@ def _run_meta(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
 def _run_lora(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from deltameta.base import load_base
-    from deltameta.finetune.common import fresh_lora_config, resolve_device
+    from deltameta.base import load_base, resolve_device
+    from deltameta.finetune.common import fresh_lora_config
     from deltameta.meta import data
     from deltameta.meta.functional import MODEL_INPUT_KEYS, target_loss
 

@@ -104,24 +104,34 @@ def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool) ->
     return stages
 
 
+def _trained_step(results: dict[str, Any]) -> str:
+    """The meta-adapter's recorded number of inner steps (the step its evaluation is judged at)."""
+    for method in ("meta-dynamic", "meta"):
+        recorded = ((results.get("methods", {}).get(method) or {}).get("inner_loop") or {}).get("recorded") or {}
+        if recorded.get("steps") is not None:
+            return str(recorded["steps"])
+    return str(max(results["steps"]))
+
+
 def _report_rows(name: str, stage: str, results: dict[str, Any]) -> list[str]:
-    """Markdown rows: accuracy of each method at the trained step, paired differences with CIs."""
-    summary = results.get("summary", {})
-    methods = summary.get("methods", {})
+    """Markdown rows: accuracy of each method at the trained step and the last step, paired differences."""
+    summary = results["summary"]
+    trained, last = _trained_step(results), str(max(results["steps"]))
     rows = []
-    for method, stats in methods.items():
-        step = stats.get("trained_step", stats.get("last_step"))
-        acc = stats.get("accuracy", {}).get(str(step), {})
-        diffs = []
-        for other, diff in (stats.get("paired", {}) or {}).items():
-            d = diff.get(str(step)) if isinstance(diff, dict) and str(step) in diff else diff
-            if isinstance(d, dict) and d.get("mean") is not None:
-                mark = "*" if d.get("excludes_zero") else ""
-                diffs.append(f"vs {other} {100 * d['mean']:+.1f} ± {100 * d.get('half_width', 0):.1f}{mark}")
-        mean = acc.get("mean")
-        half = acc.get("half_width")
-        cell = f"{100 * mean:.1f} ± {100 * (half or 0):.1f}" if mean is not None else "n/a"
-        rows.append(f"| {name} | {stage} | {method} | {step} | {cell} | {'; '.join(diffs)} |")
+    for method, by_step in summary["methods"].items():
+        for step in dict.fromkeys([trained, last]):
+            acc, norm = by_step.get(step), summary["methods_norm"].get(method, {}).get(step)
+            if acc is None:
+                continue
+            diffs = []
+            for pair, stats in summary["comparisons"].items():
+                if pair.startswith(method + " - ") and step in stats:
+                    d = stats[step]
+                    diffs.append(f"{pair.split(' - ', 1)[1]} {100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}"
+                                 + ("*" if d.get("excludes_zero") else ""))
+            norm_cell = f"{100 * norm['mean']:.1f}" if norm else "n/a"
+            rows.append(f"| {name} | {stage} | {method} | {step} | {100 * acc['mean']:.1f} ± {100 * acc['ci95']:.1f} | "
+                        f"{norm_cell} | {acc['n']} | {'; '.join(diffs)} |")
     return rows
 
 
@@ -172,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             path = out / stage / "results.json"
             if path.exists():
                 rows += _report_rows(args.name, stage, json.loads(path.read_text(encoding="utf-8")))
-        header = ["| config | evaluation | method | step | accuracy % ± 95% CI | paired differences (* CI excludes 0) |",
-                  "|---|---|---|---|---|---|"]
+        header = ["| config | evaluation | method | step | accuracy % ± 95% CI | acc_norm % | tasks | "
+                  "paired differences, points ± 95% CI (* excludes 0) |", "|---|---|---|---|---|---|---|---|"]
         text = "\n".join(header + rows) + "\n"
         (out / "study.md").write_text(text, encoding="utf-8")
         print(text)

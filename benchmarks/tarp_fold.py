@@ -2,6 +2,7 @@
 
 Run:
     python benchmarks/tarp_fold.py RUN_DIR [--val-episodes 8] [--device cpu]
+    python benchmarks/tarp_fold.py --model tiny-random-llama      # smoke: trains a tiny TARP run first
 
 ``RUN_DIR`` is a finished meta-training run with TARP deltas (its ``final/`` meta-state holds the
 fold statistics of 8 meta-training support sets). Both folds are fitted on those statistics and
@@ -28,10 +29,30 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", nargs="?", default=None, help="a finished TARP meta-train run directory")
+    parser.add_argument("--model", default=None, help="tiny-random-llama: train a tiny TARP run first (smoke mode)")
     parser.add_argument("--val-episodes", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.run_dir is None:
+        if args.model != "tiny-random-llama":
+            parser.error("give RUN_DIR, or --model tiny-random-llama for the smoke mode")
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from inner_loop_fidelity import train_tiny_run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            args.run_dir = str(train_tiny_run(Path(tmp) / "run"))
+            _report(args)
+        return
+    _report(args)
+
+
+def _report(args: argparse.Namespace) -> None:
+    """Print the fold-error table of ``args.run_dir``."""
 
     from deltameta.commands.meta_train import resolve_config
     from deltameta.deltas import build_from_meta_state, load_meta_state

@@ -128,8 +128,8 @@ def test_multiple_choice_loglik_matches_hand_computation(tiny_fp32):
     model, tokenizer = tiny_fp32
     examples = [Example("color of sky", "blue", options=["red", "blue", "a long green option"]), Example("1+1", "2", options=["2", "11"])]
 
-    def logits_fn(ids, mask):
-        return model(input_ids=ids, attention_mask=mask).logits
+    def logits_fn(ids, mask, **kwargs):
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
 
     result = score_multiple_choice(logits_fn, tokenizer, examples, TEMPLATE, batch_size=2)
     for example, scores, lengths in zip(examples, result.scores, result.lengths):
@@ -152,7 +152,7 @@ def test_free_form_scoring(tiny_fp32):
     byte[" "] = tokenizer(" ", add_special_tokens=False)["input_ids"][0]
     follow = {byte[":"]: byte[" "], byte[" "]: byte["4"], byte["4"]: byte["2"], byte["2"]: tokenizer.eos_token_id}
 
-    def scripted(ids, mask):  # always continues "...A:" with " 42" then EOS
+    def scripted(ids, mask, **kwargs):  # always continues "...A:" with " 42" then EOS
         logits = torch.zeros(ids.shape[0], ids.shape[1], len(tokenizer))
         for row in range(ids.shape[0]):
             for t in range(ids.shape[1]):
@@ -167,8 +167,8 @@ def test_free_form_scoring(tiny_fp32):
     assert echo.exact == [False] and echo.normalized == [True]
     assert normalize_answer("The  Cat!") == "cat"
 
-    def real(ids, mask):
-        return model(input_ids=ids, attention_mask=mask).logits
+    def real(ids, mask, **kwargs):
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
 
     mixed = [Example("q", "b", options=["a", "b"]), Example("q", "zz")]
     metrics = evaluate_examples(real, tokenizer, mixed, TEMPLATE)

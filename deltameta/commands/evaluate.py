@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "fresh-lora, multitask (adapter of a meta-train run with algorithm=multitask), meta (the meta-adapter's "
             "static PEFT export) and meta-dynamic (with TARP's dynamic part), each after 0..K adaptation steps on "
             "the k-shot support set, scored on the query set. Writes results.json, results.md (mean accuracy "
-            "with 95% CIs across tasks) and plots/."
+            "with 95% CIs across tasks, and paired differences of every trained method against multitask, "
+            "fresh-lora and zero-shot with their 95% CIs) and plots/."
         ),
         examples=[
             "deltameta evaluate model=tiny-random-llama quantization=none episodes=2",

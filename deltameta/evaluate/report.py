@@ -3,7 +3,9 @@
 Confidence intervals are taken **across tasks**: each task contributes its mean accuracy over its
 episodes, and the interval is the Student-t interval of the mean of those per-task values (tasks
 are the unit of generalisation; episodes of one task are not independent draws of the task
-distribution). Method differences (``meta - multitask``, ...) use paired per-task differences.
+distribution). Method differences (``meta - multitask``, ...) are paired: per task, the
+difference of the two methods' means over the same episodes, then the Student-t interval of the
+mean of those per-task differences.
 """
 
 from __future__ import annotations
@@ -13,22 +15,18 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-# two-sided 95% Student-t quantiles for 1..30 degrees of freedom
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+#: Every trained method is compared with each of these (those present), then these extra pairs.
+BASELINES = ("multitask", "fresh-lora", "zero-shot")
+EXTRA_PAIRS = (("meta-dynamic", "meta"), ("meta", "icl"))
 
 
 def t_quantile(df: int) -> float:
-    """Two-sided 95% Student-t quantile (1.96 beyond 120 degrees of freedom)."""
+    """Two-sided 95% Student-t quantile with ``df`` degrees of freedom (``scipy.stats.t``; NaN below 1)."""
     if df < 1:
         return float("nan")
-    if df <= 30:
-        return _T95[df - 1]
-    if df <= 60:
-        return 2.042 + (2.000 - 2.042) * (df - 30) / 30
-    if df <= 120:
-        return 2.000 + (1.980 - 2.000) * (df - 60) / 60
-    return 1.960
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 def mean_ci(values: Sequence[float]) -> dict[str, Any]:
@@ -49,6 +47,47 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "ci95": half, "low": mean - half, "high": mean + half, "n": n}
 
 
+def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(a, b)`` pairs reported as ``a - b``.
+
+    Every trained method present (the meta-learners first) against each of :data:`BASELINES`
+    present, then the :data:`EXTRA_PAIRS` present; a pair already reported the other way round
+    (``multitask - fresh-lora`` vs ``fresh-lora - multitask``) is not repeated.
+    """
+    from deltameta.evaluate.config import METHODS, TRAINING_METHODS
+
+    trained = [m for m in reversed(METHODS) if m in TRAINING_METHODS and m in methods]
+    pairs: list[tuple[str, str]] = []
+    candidates = [(a, b) for a in trained for b in BASELINES if b in methods and b != a]
+    candidates += [p for p in EXTRA_PAIRS if p[0] in methods and p[1] in methods]
+    for a, b in candidates:
+        if (a, b) not in pairs and (b, a) not in pairs:
+            pairs.append((a, b))
+    return pairs
+
+
+def _task_means(results: dict[str, Any], key: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {step: {task: mean over the task's episodes}}}`` of ``accuracy`` or ``accuracy_norm``."""
+    steps = [str(s) for s in results["steps"]]
+    out: dict[str, dict[str, dict[str, float]]] = {m: {s: {} for s in steps} for m in results["methods"]}
+    for task, entry in results["tasks"].items():
+        for method in results["methods"]:
+            data = entry["methods"].get(method)
+            if data is None:
+                continue
+            for s in steps:
+                values = [v for v in data.get(key, {}).get(s, []) if v is not None]
+                if values:
+                    out[method][s][task] = sum(values) / len(values)
+    return out
+
+
+def _with_verdict(stats: dict[str, Any]) -> dict[str, Any]:
+    """Add ``excludes_zero``: whether the 95% CI lies entirely above or below 0 (None without a CI)."""
+    stats["excludes_zero"] = None if stats["ci95"] is None else bool(stats["low"] > 0 or stats["high"] < 0)
+    return stats
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per method and step: mean accuracy across tasks with its 95% CI; paired differences.
 
@@ -56,29 +95,26 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         results: The ``results.json`` content (``tasks``, ``methods``, ``steps``).
 
     Returns:
-        ``{"methods": {method: {step: stats}}, "comparisons": {"meta - multitask": {step: stats}, ...}}``.
+        ``methods`` (``{method: {step: stats}}``, raw accuracy), ``methods_norm`` (the same for
+        length-normalised accuracy), ``comparisons`` and ``comparisons_norm``
+        (``{"meta - multitask": {step: stats}}``, each with ``excludes_zero``), and
+        ``convention`` (how the intervals are computed).
     """
     steps = [str(s) for s in results["steps"]]
     methods = list(results["methods"])
-    per_task = {m: {s: {} for s in steps} for m in methods}
-    for task, entry in results["tasks"].items():
-        for method in methods:
-            data = entry["methods"].get(method)
-            if data is None:
-                continue
-            for s in steps:
-                per_task[method][s][task] = data["mean"][s]
-    summary: dict[str, Any] = {"methods": {}, "comparisons": {}}
-    for method in methods:
-        summary["methods"][method] = {s: mean_ci(list(per_task[method][s].values())) for s in steps}
-    pairs = [("meta", "multitask"), ("meta", "fresh-lora"), ("meta-dynamic", "meta"), ("multitask", "fresh-lora"),
-             ("meta", "icl")]
-    for a, b in pairs:
-        if a in methods and b in methods:
-            summary["comparisons"][f"{a} - {b}"] = {
-                s: mean_ci([per_task[a][s][t] - per_task[b][s][t] for t in per_task[a][s] if t in per_task[b][s]])
+    summary: dict[str, Any] = {"convention": "per task: mean over its episodes; then mean and Student-t 95% CI "
+                                             "across tasks (differences paired per task)"}
+    for key, suffix in (("accuracy", ""), ("accuracy_norm", "_norm")):
+        per_task = _task_means(results, key)
+        summary["methods" + suffix] = {m: {s: mean_ci(list(per_task[m][s].values())) for s in steps} for m in methods}
+        summary["comparisons" + suffix] = {
+            f"{a} - {b}": {
+                s: _with_verdict(mean_ci([per_task[a][s][t] - per_task[b][s][t] for t in per_task[a][s]
+                                          if t in per_task[b][s]]))
                 for s in steps
             }
+            for a, b in comparison_pairs(methods)
+        }
     return summary
 
 
@@ -87,6 +123,32 @@ def _pct(stats: dict[str, Any], signed: bool = False) -> str:
         return "-"
     mean = f"{100 * stats['mean']:+.1f}" if signed else f"{100 * stats['mean']:.1f}"
     return mean if stats["ci95"] is None else f"{mean} ± {100 * stats['ci95']:.1f}"
+
+
+def _diff(stats: dict[str, Any]) -> str:
+    text = _pct(stats, signed=True)
+    if stats.get("excludes_zero"):
+        text += " **excl. 0**"
+    elif stats.get("excludes_zero") is False:
+        text += " (incl. 0)"
+    return text
+
+
+def _families(results: dict[str, Any]) -> str:
+    families = {entry.get("family") for entry in results["tasks"].values()}
+    text = f"{len(families)} families"
+    if results["config"].get("max_tasks"):
+        text += f", drawn spread over the split's families: max_tasks={results['config']['max_tasks']}"
+    return text
+
+
+def _query_sizes(results: dict[str, Any]) -> str:
+    requested = results["config"]["query_size"]
+    sizes = sorted({entry.get("query_size", requested) for entry in results["tasks"].values()})
+    if not sizes or sizes == [requested]:
+        return str(requested)
+    span = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return f"{requested} requested ({span} where a task has fewer than shots + query_size examples)"
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -99,21 +161,35 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"# Few-shot adaptation: {config['model']} ({config['quantization']}), tasks `{config['tasks']}`"
         + (f" split `{config['split']}`" if config.get("split") else ""),
         "",
-        f"{n_tasks} tasks x {config['episodes']} episodes, k={config['shots']} support / {config['query_size']} query "
-        f"examples per episode, seed {config['seed']}. Mean accuracy (%) across tasks ± 95% CI (Student t over "
-        "per-task means). Multiple choice by log-likelihood, free-form by exact match.",
+        f"{n_tasks} tasks ({_families(results)}) x {config['episodes']} episodes, k={config['shots']} support / {_query_sizes(results)} query "
+        f"examples per episode, seed {config['seed']}. Multiple choice by log-likelihood, free-form by exact match; "
+        "`acc` sums the option's token log-likelihoods, `acc_norm` divides them by the option's token count "
+        "(free form: match after normalising case, punctuation and articles).",
         "",
-        "| method | " + " | ".join(f"{s} steps" for s in steps) + " | trains |",
-        "|---|" + "---|" * len(steps) + "---|",
+        "Statistics: per task, the mean over its episodes; then the mean across tasks ± the 95% CI half-width "
+        "(Student t over the per-task means, n = tasks). Differences are paired: per task, the difference of the "
+        "two methods' means over the same episodes, then mean ± 95% CI across tasks.",
+        "",
+        "Accuracy (%), mean across tasks ± 95% CI:",
+        "",
+        "| method | " + " | ".join(f"acc {s} steps | acc_norm {s} steps" for s in steps) + " | trains |",
+        "|---|" + "---|---|" * len(steps) + "---|",
     ]
+    norm = summary.get("methods_norm", {})
     for method, info in results["methods"].items():
-        cells = [_pct(summary["methods"][method][s]) for s in steps]
+        cells = []
+        for s in steps:
+            cells.append(_pct(summary["methods"][method][s]))
+            cells.append(_pct(norm[method][s]) if method in norm else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {'yes' if info['trains'] else 'no'} |")
-    if summary["comparisons"]:
-        lines += ["", "Paired differences (percentage points, same tasks and episodes):", "",
+    for key, label in (("comparisons", "accuracy"), ("comparisons_norm", "length-normalised accuracy")):
+        if not summary.get(key):
+            continue
+        lines += ["", f"Paired differences of {label} (percentage points, same tasks and episodes; mean ± 95% CI; "
+                      "**excl. 0** where the CI excludes 0):", "",
                   "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
-        for name, stats in summary["comparisons"].items():
-            lines.append(f"| {name} | " + " | ".join(_pct(stats[s], signed=True) for s in steps) + " |")
+        for name, stats in summary[key].items():
+            lines.append(f"| {name} | " + " | ".join(_diff(stats[s]) for s in steps) + " |")
     budget = results["budget"]
     adaptation = budget["adaptation"]
     lines += [

@@ -53,6 +53,47 @@ PEFT_NAME = {"fresh-lora": "fresh_lora", "multitask": "multitask", "meta": "meta
 DEFAULT_INNER = {"optimizer": "sgd", "lr": 0.05, "clip": 1.0}
 
 
+def spread_over_families(tasks: list[Any], count: int, seed: int) -> list[Any]:
+    """Draw ``count`` tasks spread over their families (seeded), in the tasks' order.
+
+    The families are shuffled and so are the tasks within each family (both seeded by ``seed``);
+    then one task is taken from each family in turn (round robin) until ``count`` are drawn. So
+    every family gets ``count // families`` or one more task while it has tasks left, and which
+    tasks those are does not depend on the order of the source.
+
+    Args:
+        tasks: The candidate tasks (with ``name`` and ``family``).
+        count: How many to draw (all of them if there are not more).
+        seed: The evaluation seed.
+
+    Returns:
+        The drawn tasks, in their order in ``tasks``.
+    """
+    import random
+
+    from deltameta.tasks.seeding import derive_seed
+
+    if count >= len(tasks):
+        return list(tasks)
+    families: dict[str, list[Any]] = {}
+    for task in sorted(tasks, key=lambda t: t.name):
+        families.setdefault(task.family, []).append(task)
+    rng = random.Random(derive_seed(seed, "evaluate-tasks"))
+    order = sorted(families)
+    rng.shuffle(order)
+    queues = []
+    for family in order:
+        members = list(families[family])
+        rng.shuffle(members)
+        queues.append(members)
+    chosen: set[int] = set()
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.add(id(queue.pop(0)))
+    return [t for t in tasks if id(t) in chosen]
+
+
 def _episode_record(episode: Any) -> dict[str, Any]:
     index_of = {id(e): i for i, e in enumerate(episode.task.examples)}
     support = [index_of[id(e)] for e in episode.support]
@@ -149,20 +190,26 @@ class Evaluator:
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"task_names: {missing} not among the evaluated tasks.{hint}")
             tasks = [t for t in tasks if t.name in set(c.task_names)]
-        needed = c.shots + c.query_size
+        needed = c.shots + 1  # a task gets min(query_size, examples - shots) query examples
         small = [t for t in tasks if len(t) < needed]
         if small and len(small) == len(tasks):
             largest = max((len(t) for t in tasks), default=0)
             raise ConfigError(
-                f"shots={c.shots} + query_size={c.query_size} = {needed} examples per episode, but every task has "
-                f"fewer (largest: {largest} examples); lower shots or query_size."
+                f"shots={c.shots} needs at least {needed} examples per task (k support + 1 query), but every task has "
+                f"fewer (largest: {largest} examples); lower shots."
             )
         if small:
-            self.warnings.append(f"skipped {len(small)} task(s) with fewer than shots + query_size = {needed} examples: "
+            self.warnings.append(f"skipped {len(small)} task(s) with fewer than shots + 1 = {needed} examples: "
                                  + ", ".join(t.name for t in small[:10]) + ("..." if len(small) > 10 else ""))
             tasks = [t for t in tasks if len(t) >= needed]
-        if c.max_tasks:
-            tasks = tasks[: c.max_tasks]
+        if c.max_tasks and len(tasks) > c.max_tasks:
+            tasks = spread_over_families(tasks, c.max_tasks, c.seed)
+        fewer = [t for t in tasks if len(t) - c.shots < c.query_size]
+        if fewer:
+            self.warnings.append(
+                f"{len(fewer)} task(s) have fewer than shots + query_size = {c.shots + c.query_size} examples and get "
+                "fewer query examples (recorded per task as query_size): "
+                + ", ".join(f"{t.name} ({len(t) - c.shots})" for t in fewer[:10]) + ("..." if len(fewer) > 10 else ""))
         if not tasks:
             raise DataError(f"tasks='{c.tasks}' (split '{c.split}') holds no task to evaluate.")
         return tasks
@@ -232,13 +279,17 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------ episodes
 
+    def query_size_of(self, task: Any) -> int:
+        """Query examples per episode of ``task``: ``query_size``, or what the task allows after k shots."""
+        return min(self.config.query_size, len(task) - self.config.shots)
+
     def episodes_of(self, task: Any) -> list[Any]:
         """The ``episodes`` episodes of ``task`` (the same for every method)."""
         from deltameta.tasks import EpisodeSampler, TaskCollection
         from deltameta.tasks.seeding import derive_seed
 
         c = self.config
-        sampler = EpisodeSampler(TaskCollection([task]), c.shots, c.query_size,
+        sampler = EpisodeSampler(TaskCollection([task]), c.shots, self.query_size_of(task),
                                  seed=derive_seed(c.seed, "evaluate", task.name) % (2**31), balanced=c.balanced)
         return [sampler.episode(i) for i in range(c.episodes)]
 
@@ -489,7 +540,8 @@ class Evaluator:
                 episodes = self.episodes_of(task)
                 records = [_episode_record(e) for e in episodes]
                 entry = {"family": task.family, "kind": "multiple_choice" if task.is_multiple_choice else "free_form",
-                         "num_examples": len(task), "episodes": records, "methods": {}}
+                         "num_examples": len(task), "query_size": self.query_size_of(task), "episodes": records,
+                         "methods": {}}
                 for method in self.methods:
                     entry["methods"][method] = {"episodes": [], "accuracy": {str(s): [] for s in c.steps},
                                                 "accuracy_norm": {str(s): [] for s in c.steps},

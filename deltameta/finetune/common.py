@@ -94,13 +94,27 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: Any, au
 
 
 def logits_fn(model: nn.Module, autocast: bool = False):
-    """Return ``(input_ids, attention_mask) -> logits`` for the scorers (no grad)."""
+    """Return the scorers' ``logits_fn`` of ``model`` (no grad; see :data:`deltameta.tasks.scoring.LogitsFn`).
 
-    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    A boolean 4-D mask is passed on as is to SDPA attention and turned into an additive float
+    mask for eager attention. The cache is used only when one is passed.
+    """
+
+    def run(ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+            past_key_values: Any = None, logits_to_keep: int = 0) -> torch.Tensor:
+        if mask.dim() == 4 and mask.dtype == torch.bool and _attention_kind(model) == "eager":
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min)
         with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values,
+                         use_cache=past_key_values is not None, logits_to_keep=logits_to_keep).logits.float()
 
     return run
+
+
+def _attention_kind(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "sdpa")
 
 
 def model_device(model: nn.Module) -> torch.device:

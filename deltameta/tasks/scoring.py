@@ -1,8 +1,14 @@
 """Losses and scores: answer-only LM loss, multiple choice by log-likelihood, free-form by generation.
 
-Every function takes a ``logits_fn(input_ids, attention_mask) -> logits`` callable rather than a
-model, so callers can score a base model with adapter weights applied functionally, e.g.
-``lambda ids, mask: torch.func.functional_call(model, params, (ids,), {"attention_mask": mask}).logits``.
+The scorers take a ``logits_fn`` callable rather than a model (see :data:`LogitsFn`;
+:func:`deltameta.finetune.common.logits_fn` makes one from a model), so callers can score a base
+model with adapters, hooks or weights applied functionally.
+
+Multiple choice runs the shared prompt of a query once: the prompt and all its options are packed
+in one row, each option attending to the prompt and to itself only (a block-causal 4-D mask) at the
+positions it would have after the prompt, so every option gets exactly the log-likelihood it gets
+in a row of its own, for one forward instead of one per option. Free-form answers are generated
+greedily with a KV cache (the prompt runs once, then one token per step).
 """
 
 from __future__ import annotations
@@ -19,7 +25,16 @@ from deltameta.errors import ConfigError
 from deltameta.tasks.encoding import IGNORE_INDEX, pad_token_id, tokenize_pairs, truncate_pair
 from deltameta.tasks.task import DEFAULT_TEMPLATE, Example, PromptTemplate
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LogitsFn = Callable[..., torch.Tensor]
+"""``logits_fn(input_ids, attention_mask, *, position_ids=None, past_key_values=None, logits_to_keep=0) -> logits``.
+
+``attention_mask`` is either the usual ``(batch, length)`` padding mask or a boolean
+``(batch, 1, length, keys)`` mask (``True``: may attend) given with explicit ``position_ids``;
+``past_key_values`` is a cache (``transformers.DynamicCache``) that the call extends in place;
+``logits_to_keep > 0`` asks for the logits of the last that many positions only (0: all). A
+``transformers`` causal LM takes exactly these arguments, so
+``lambda ids, mask, **kw: model(input_ids=ids, attention_mask=mask, **kw).logits`` is one.
+"""
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -113,6 +128,100 @@ class MultipleChoiceResult:
     accuracy_norm: float
 
 
+def block_causal_mask(blocks: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed rows: causal, and a block sees only the shared block and itself.
+
+    Args:
+        blocks: ``(batch, length)`` block id of every position: ``-1`` padding, ``0`` the shared
+            prompt, ``1, 2, ...`` the options packed after it.
+
+    Returns:
+        A boolean ``(batch, 1, length, length)`` mask, ``True`` where query position ``q`` may
+        attend to key position ``k``: ``k <= q``, ``k`` not padding and in block 0 or in ``q``'s
+        block. Every position also sees itself (padding included, so that no attention row is
+        empty and no NaN can arise; padding is never attended to by real tokens).
+    """
+    length = blocks.size(1)
+    query, key = blocks.unsqueeze(2), blocks.unsqueeze(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=blocks.device).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(length, dtype=torch.bool, device=blocks.device)
+    return allowed.unsqueeze(1)
+
+
+@dataclasses.dataclass
+class _Packed:
+    """One packed row: a prompt and the options scored after it (``options``: (option index, target ids))."""
+
+    owner: int
+    prompt: list[int]
+    options: list[tuple[int, list[int]]]
+
+    @property
+    def answer_length(self) -> int:
+        return sum(len(t) for _, t in self.options)
+
+
+def _pack(pairs: list[tuple[int, int, list[int], list[int]]]) -> list[_Packed]:
+    """Group ``(owner, option, prompt, target)`` by owner and (truncated) prompt, in order."""
+    rows: dict[tuple[int, tuple[int, ...]], _Packed] = {}
+    for owner, option, prompt, target in pairs:
+        key = (owner, tuple(prompt))
+        if key not in rows:
+            rows[key] = _Packed(owner, list(prompt), [])
+        rows[key].options.append((option, list(target)))
+    return list(rows.values())
+
+
+def _score_packed(logits_fn: LogitsFn, rows: Sequence[_Packed], pad: int, device) -> list[list[tuple[int, float, int]]]:
+    """Score one batch of packed rows in one forward.
+
+    Rows are left-padded so that they all end at the last column; only the logits of the last
+    ``1 + longest answer block`` columns are computed.
+
+    Returns:
+        Per row, ``(option index, summed log-likelihood, token count)`` of each option.
+    """
+    width = max(len(r.prompt) + r.answer_length for r in rows)
+    keep = 1 + max(r.answer_length for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    blocks = torch.full_like(ids, -1)
+    for row, packed in enumerate(rows):
+        start = width - len(packed.prompt) - packed.answer_length
+        tokens, pos, block = list(packed.prompt), list(range(len(packed.prompt))), [0] * len(packed.prompt)
+        for number, (_, target) in enumerate(packed.options, start=1):
+            tokens += target
+            pos += range(len(packed.prompt), len(packed.prompt) + len(target))
+            block += [number] * len(target)
+        ids[row, start:] = torch.tensor(tokens)
+        positions[row, start:] = torch.tensor(pos)
+        blocks[row, start:] = torch.tensor(block)
+    mask = block_causal_mask(blocks)
+    if device is not None:
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    logits = logits_fn(ids, mask, position_ids=positions, logits_to_keep=keep)
+    logits = logits[:, -keep:, :]  # a logits_fn may return every position
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    offset = width - keep  # column of logits index 0
+    results = []
+    for row, packed in enumerate(rows):
+        column = width - packed.answer_length  # first answer column of this row
+        last_prompt = column - 1
+        scored = []
+        for option, target in packed.options:
+            if not target:
+                scored.append((option, 0.0, 0))
+                continue
+            sources = [last_prompt] + list(range(column, column + len(target) - 1))
+            index = torch.tensor(sources, device=logprobs.device) - offset
+            token = torch.tensor(target, device=logprobs.device)
+            scored.append((option, float(logprobs[row, index, token].sum()), len(target)))
+            column += len(target)
+        results.append(scored)
+    return results
+
+
 @torch.no_grad()
 def score_multiple_choice(
     logits_fn: LogitsFn,
@@ -126,17 +235,19 @@ def score_multiple_choice(
 ) -> MultipleChoiceResult:
     """Score every option of multiple-choice examples by its log-likelihood after the prompt.
 
-    Rows (one per example and option) are batched ``batch_size`` at a time. No EOS is appended
-    to the options.
+    Each (prompt, option) pair is truncated to ``max_length`` tokens as if it were its own row
+    (prompt cut on the left); the options of one example that keep the same prompt are then
+    packed after one copy of it (see the module docstring), so the prompt runs once per example.
+    ``batch_size`` packed rows go through one ``logits_fn`` call. No EOS is appended to the options.
 
     Args:
-        logits_fn: ``(input_ids, attention_mask) -> logits``.
+        logits_fn: See :data:`LogitsFn` (called with a 4-D mask, ``position_ids`` and ``logits_to_keep``).
         tokenizer: The tokenizer.
         examples: Multiple-choice examples.
         template: Prompt template (default :data:`~deltameta.tasks.task.DEFAULT_TEMPLATE`).
-        max_length: Longest row (prompts are truncated on the left).
+        max_length: Longest prompt + option (prompts are truncated on the left).
         in_context: Demonstrations put before every prompt.
-        batch_size: Rows per ``logits_fn`` call.
+        batch_size: Packed rows (examples) per ``logits_fn`` call.
         device: Where to put the batches (default: CPU tensors).
 
     Returns:
@@ -148,39 +259,27 @@ def score_multiple_choice(
     if not examples:
         raise ConfigError("score_multiple_choice needs at least one example.")
     template = template or DEFAULT_TEMPLATE
-    prompts, targets, owners = [], [], []
+    prompts, targets, owners, numbers = [], [], [], []
     for number, example in enumerate(examples):
         if example.options is None:
             raise ConfigError(f"example {number} has no options; score free-form examples with score_free_form.")
         prompt = template.render_prompt(example, in_context or ())
-        for option in example.options:
+        for option_number, option in enumerate(example.options):
             prompts.append(prompt)
             targets.append(template.render_target(option))
             owners.append(number)
+            numbers.append(option_number)
     pairs = [truncate_pair(p, t, max_length)[:2] for p, t in tokenize_pairs(tokenizer, prompts, targets, add_eos=False)]
+    packed = _pack([(o, n, p, t) for o, n, (p, t) in zip(owners, numbers, pairs)])
     pad = pad_token_id(tokenizer)
-    sums: list[float] = []
-    counts: list[int] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        width = max(len(p) + len(t) for p, t in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for row, (p, t) in enumerate(chunk):
-            ids[row, : len(p) + len(t)] = torch.tensor(p + t)
-            mask[row, : len(p) + len(t)] = 1
-            labels[row, len(p) : len(p) + len(t)] = torch.tensor(t)
-        if device is not None:
-            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        total, count = sequence_logprobs(logits_fn(ids, mask), labels)
-        sums.extend(total.tolist())
-        counts.extend(count.tolist())
-    scores: list[list[float]] = [[] for _ in examples]
-    lengths: list[list[int]] = [[] for _ in examples]
-    for owner, total, count in zip(owners, sums, counts):
-        scores[owner].append(total)
-        lengths[owner].append(count)
+    scores: list[list[float]] = [[0.0] * len(e.options) for e in examples]
+    lengths: list[list[int]] = [[0] * len(e.options) for e in examples]
+    for start in range(0, len(packed), batch_size):
+        chunk = packed[start : start + batch_size]
+        for row, scored in zip(chunk, _score_packed(logits_fn, chunk, pad, device)):
+            for option, total, count in scored:
+                scores[row.owner][option] = total
+                lengths[row.owner][option] = count
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     normalized = [[t / max(c, 1) for t, c in zip(s, n)] for s, n in zip(scores, lengths)]
     predictions_norm = [max(range(len(s)), key=s.__getitem__) for s in normalized]
@@ -212,46 +311,68 @@ def greedy_generate(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     device: torch.device | str | None = None,
+    done: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding through ``logits_fn`` (no cache: fine for short answers).
+    """Greedy decoding through ``logits_fn`` with a KV cache.
+
+    The prompts (left-padded, with explicit positions and a 4-D mask that hides the padding) run
+    once into a ``transformers.DynamicCache``; then each step feeds one token per row. A row that
+    has stopped keeps being fed (its output is frozen) until every row has stopped.
 
     Args:
-        logits_fn: ``(input_ids, attention_mask) -> logits``.
-        prompts: Token ids of each prompt.
+        logits_fn: See :data:`LogitsFn` (called with ``past_key_values`` and ``logits_to_keep=1``).
+        prompts: Token ids of each prompt (each non-empty).
         max_new_tokens: Most tokens generated per prompt.
         stop_ids: Tokens that end a generation (not included in the output).
-        pad_id: Padding id (rows are right-padded, so padding never precedes real tokens).
+        pad_id: Padding id.
         device: Where to put the batches.
+        done: Optional ``done(tokens_so_far) -> bool``: a row also stops (keeping its tokens)
+            once it returns true, e.g. when later tokens can no longer change what is scored.
 
     Returns:
         The generated token ids of each prompt.
     """
+    from transformers import DynamicCache
+
     rows = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in rows]
-    active = list(range(len(rows)))
+    if not rows or max_new_tokens < 1:
+        return outputs
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    blocks = torch.full_like(ids, -1)
+    positions = torch.zeros_like(ids)
+    for row, tokens in enumerate(rows):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        blocks[row, width - len(tokens) :] = 0
+        positions[row, width - len(tokens) :] = torch.arange(len(tokens))
+    keys = blocks >= 0  # which cache columns are real tokens
+    mask = block_causal_mask(blocks)
+    next_position = torch.tensor([len(r) for r in rows])
+    if device is not None:
+        ids, mask, positions, keys, next_position = (t.to(device) for t in (ids, mask, positions, keys, next_position))
+    cache = DynamicCache()
+    logits = logits_fn(ids, mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    active = [True] * len(rows)
     stops = set(stop_ids)
-    for _ in range(max_new_tokens):
-        if not active:
-            break
-        width = max(len(rows[i]) for i in active)
-        ids = torch.full((len(active), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(active):
-            ids[row, : len(rows[i])] = torch.tensor(rows[i])
-            mask[row, : len(rows[i])] = 1
-        if device is not None:
-            ids, mask = ids.to(device), mask.to(device)
-        logits = logits_fn(ids, mask)
-        last = torch.tensor([len(rows[i]) - 1 for i in active], device=logits.device)
-        chosen = logits[torch.arange(len(active), device=logits.device), last].argmax(-1).tolist()
-        still = []
-        for i, token in zip(active, chosen):
-            if token in stops:
+    for step in range(max_new_tokens):
+        chosen = logits[:, -1, :].argmax(-1)
+        for row, token in enumerate(chosen.tolist()):
+            if not active[row]:
                 continue
-            rows[i].append(token)
-            outputs[i].append(token)
-            still.append(i)
-        active = still
+            if token in stops:
+                active[row] = False
+            else:
+                outputs[row].append(token)
+                if done is not None and done(outputs[row]):
+                    active[row] = False
+        if not any(active) or step == max_new_tokens - 1:
+            break
+        keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
+        step_mask = keys[:, None, None, :]
+        logits = logits_fn(chosen[:, None], step_mask, position_ids=next_position[:, None], past_key_values=cache,
+                           logits_to_keep=1)
+        next_position = next_position + 1
     return outputs
 
 
@@ -289,7 +410,7 @@ def score_free_form(
     """Generate answers greedily and compare them with the targets.
 
     Args:
-        logits_fn: ``(input_ids, attention_mask) -> logits`` (or ``None`` with ``generate_fn``).
+        logits_fn: See :data:`LogitsFn` (or ``None`` with ``generate_fn``).
         tokenizer: The tokenizer.
         examples: The examples (options are ignored).
         template: Prompt template.
@@ -301,7 +422,8 @@ def score_free_form(
         device: Where to put the batches.
 
     Returns:
-        Predictions and match rates; a prediction is the generated text up to the first newline.
+        Predictions and match rates; a prediction is the generated text up to the first newline
+        (after leading whitespace), so a row stops generating once that line is complete.
 
     Raises:
         ConfigError: no examples, or neither ``logits_fn`` nor ``generate_fn``.
@@ -320,10 +442,13 @@ def score_free_form(
         prompt_ids = [p[-max(1, max_length - max_new_tokens) :] for p, _ in pairs]
         stops = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
         texts = []
+
+        def first_line_complete(tokens: list[int]) -> bool:  # later tokens cannot change the prediction
+            return "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
         for start in range(0, len(prompt_ids), batch_size):
-            generated = greedy_generate(
-                logits_fn, prompt_ids[start : start + batch_size], max_new_tokens, stops, pad_token_id(tokenizer), device
-            )
+            generated = greedy_generate(logits_fn, prompt_ids[start : start + batch_size], max_new_tokens, stops,
+                                        pad_token_id(tokenizer), device, done=first_line_complete)
             texts.extend(tokenizer.decode(g, skip_special_tokens=True) for g in generated)
     else:
         raise ConfigError("score_free_form needs logits_fn or generate_fn.")

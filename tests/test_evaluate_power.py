@@ -1,0 +1,134 @@
+"""Evaluation power: defaults, family-spread task selection, the paired-difference table."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import pytest
+
+from deltameta.config import build_config
+from deltameta.evaluate import EvaluateConfig, run_evaluate
+from deltameta.evaluate.report import comparison_pairs, markdown_table, summarize, t_quantile
+from deltameta.evaluate.runner import spread_over_families
+from test_finetune_helpers import TINY
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_defaults_are_powered():
+    config = EvaluateConfig()
+    assert config.episodes >= 5 and config.query_size >= 16
+    for recipe in ("recipes/evaluate/smollm2_135m_builtin.yaml", "recipes/evaluate/smollm2_135m_bigbench_dev.yaml"):
+        loaded = build_config(EvaluateConfig, recipe=recipe)
+        assert loaded.episodes >= 5 and loaded.query_size >= 16, recipe
+
+
+@dataclasses.dataclass
+class FakeTask:
+    name: str
+    family: str
+
+
+def _fake_tasks():
+    sizes = {"alpha": 5, "beta": 1, "gamma": 3, "delta": 4}
+    return [FakeTask(f"{family}__{i}", family) for family, n in sizes.items() for i in range(n)]
+
+
+def test_max_tasks_spread_over_families():
+    tasks = _fake_tasks()
+    drawn = spread_over_families(tasks, 6, seed=0)
+    assert len(drawn) == 6
+    counts = Counter(t.family for t in drawn)
+    # round robin over 4 families: beta has one task, so the others get 2, 2, 1 or so
+    assert set(counts) == {"alpha", "beta", "gamma", "delta"} and max(counts.values()) - min(counts.values()) <= 1
+    assert drawn != tasks[:6], "never the first N"
+    assert [t for t in tasks if t in drawn] == drawn, "kept in the source order"
+    assert spread_over_families(tasks, 6, seed=0) == drawn, "seeded"
+    assert spread_over_families(list(reversed(tasks)), 6, seed=0) == [t for t in reversed(tasks) if t in drawn], \
+        "the draw does not depend on the source order"
+    assert any(spread_over_families(tasks, 6, seed=s) != drawn for s in range(1, 6)), "the seed matters"
+    assert spread_over_families(tasks, 3, seed=0) and len({t.family for t in spread_over_families(tasks, 3, seed=0)}) == 3
+    assert spread_over_families(tasks, 50, seed=0) == tasks
+
+
+def test_evaluate_draws_across_families_and_records_short_tasks(tmp_path):
+    values = dict(TINY, tasks="builtin", splits="train=0.5,validation=0.5", split="validation",
+                  builtin_tasks_per_family=3, builtin_examples_per_task=12, max_tasks=4, methods=["zero-shot"],
+                  episodes=1, shots=2, steps=[0], max_length=48, plots=False, progress=False,
+                  output_dir=str(tmp_path / "eval"))
+    results = run_evaluate(build_config(EvaluateConfig, overrides=values))
+    families = [entry["family"] for entry in results["tasks"].values()]
+    assert len(families) == 4 and len(set(families)) == 4, families
+    # 12 examples, k=2: each task allows 10 query examples of the default 16, recorded per task
+    assert {entry["query_size"] for entry in results["tasks"].values()} == {10}
+    assert all(len(r["query"]) == 10 for entry in results["tasks"].values() for r in entry["episodes"])
+    assert any("fewer query examples" in w for w in results["warnings"])
+    assert "16 requested (10 where a task has fewer than shots + query_size examples)" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def _results():
+    """Three tasks, two episodes; per-task means chosen so that the differences are easy by hand."""
+    acc = {  # method -> per task, the accuracies of the two episodes (after 0 and 5 steps alike)
+        "zero-shot": [[0.5, 0.5], [0.25, 0.25], [0.5, 0.5]],
+        "fresh-lora": [[0.5, 0.75], [0.25, 0.5], [0.5, 0.5]],
+        "multitask": [[0.5, 0.5], [0.5, 0.5], [0.75, 0.75]],
+        "meta": [[0.75, 0.75], [0.75, 0.75], [1.0, 1.0]],
+    }
+    norm = {m: [[v / 2 for v in task] for task in tasks] for m, tasks in acc.items()}
+    steps = [0, 5]
+    tasks = {}
+    for i in range(3):
+        methods = {}
+        for m in acc:
+            methods[m] = {"accuracy": {str(s): acc[m][i] for s in steps},
+                          "accuracy_norm": {str(s): norm[m][i] for s in steps},
+                          "mean": {str(s): sum(acc[m][i]) / 2 for s in steps}}
+        tasks[f"family{i}__t"] = {"family": f"family{i}", "kind": "multiple_choice", "num_examples": 20,
+                                  "query_size": 16, "episodes": [], "methods": methods}
+    results = {"config": dict(dataclasses.asdict(EvaluateConfig()), model="tiny", quantization="none"), "steps": steps,
+               "methods": {m: {"trains": m != "zero-shot"} for m in acc}, "tasks": tasks,
+               "budget": {"adaptation": {"max_steps": 5, "optimizer": "sgd", "lr": 0.05, "clip": 1.0},
+                          "preparation": {}, "parity": {"preparation": None}}}
+    results["summary"] = summarize(results)
+    return results
+
+
+def test_paired_difference_table_by_hand():
+    results = _results()
+    summary = results["summary"]
+    assert comparison_pairs(list(results["methods"])) == [
+        ("meta", "multitask"), ("meta", "fresh-lora"), ("meta", "zero-shot"),
+        ("multitask", "fresh-lora"), ("multitask", "zero-shot"), ("fresh-lora", "zero-shot")]
+    assert set(summary["comparisons"]) == {f"{a} - {b}" for a, b in comparison_pairs(list(results["methods"]))}
+    t2 = 4.302653  # two-sided 95% t quantile, 2 degrees of freedom
+    assert t_quantile(2) == pytest.approx(t2, abs=1e-6)
+
+    # meta - multitask: per-task differences 0.25, 0.25, 0.25 -> mean 0.25, no spread -> CI [0.25, 0.25]
+    stats = summary["comparisons"]["meta - multitask"]["5"]
+    assert stats["mean"] == pytest.approx(0.25) and stats["ci95"] == pytest.approx(0.0) and stats["excludes_zero"]
+
+    # meta - fresh-lora: task means 0.75 - 0.625, 0.75 - 0.375, 1.0 - 0.5 = 0.125, 0.375, 0.5
+    stats = summary["comparisons"]["meta - fresh-lora"]["0"]
+    diffs = [0.125, 0.375, 0.5]
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    assert stats["mean"] == pytest.approx(mean) and stats["std"] == pytest.approx(std)
+    assert stats["ci95"] == pytest.approx(t2 * std / math.sqrt(3), rel=1e-6)
+    assert stats["low"] == pytest.approx(mean - t2 * std / math.sqrt(3), rel=1e-6)
+    assert stats["excludes_zero"] is False  # 0.333 - 0.475 < 0
+
+    # fresh-lora - zero-shot: 0.125, 0.125, 0 -> mean 0.0833, CI includes 0
+    stats = summary["comparisons"]["fresh-lora - zero-shot"]["5"]
+    assert stats["mean"] == pytest.approx(0.25 / 3) and stats["excludes_zero"] is False
+
+    # length-normalised accuracy: here exactly half of the raw one, differences too
+    assert summary["methods_norm"]["meta"]["0"]["mean"] == pytest.approx(summary["methods"]["meta"]["0"]["mean"] / 2)
+    assert summary["comparisons_norm"]["meta - multitask"]["0"]["mean"] == pytest.approx(0.125)
+
+    table = markdown_table(results)
+    assert "| meta - multitask | +25.0 ± 0.0 **excl. 0** | +25.0 ± 0.0 **excl. 0** |" in table
+    assert f"| meta - fresh-lora | +{100 * mean:.1f} ± {100 * t2 * std / math.sqrt(3):.1f} (incl. 0) |" in table
+    assert "acc_norm 5 steps" in table and "Paired differences of length-normalised accuracy" in table
+    assert "per task, the mean over its episodes" in table
