@@ -5,7 +5,7 @@ run in pieces across working sessions and resumed):
 
     python benchmarks/study.py --name fomaml-lora [--bigbench ../shared/data/bigbench-lite] \
         [--out runs/study] [--stages meta,multitask,eval-rules,eval-families,eval-dev,report] \
-        -- algorithm=fomaml delta=lora controller=none inner_steps=2
+        [--eval "max_tasks=12 episodes=4"] -- algorithm=fomaml delta=lora controller=none inner_steps=2
 
 For one configuration (the ``key=value`` overrides after ``--`` go to both meta-trainings):
 
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
     parser.add_argument("--model", default=None, help="base model alias (default: the recipe's)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--eval", default="", help="extra evaluate overrides for every evaluation stage, "
+                        "space-separated key=value (e.g. 'max_tasks=12 episodes=4 steps=[0,2,5]')")
     parser.add_argument("overrides", nargs="*", help="key=value meta-train overrides (after --)")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             if stage in wanted and not (out / stage / "results.json").exists():
                 if args.model and not args.smoke:
                     eval_keys["model"] = args.model
+                eval_keys.update(_override_dict(args.eval.split()))
                 eval_keys["output_dir"] = str(out / stage)
                 timings[stage] = _deltameta(["evaluate", "--overwrite", *_keys(eval_keys)], out / f"{stage}.log")
     if timings:

@@ -157,3 +157,17 @@ def test_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_fp32):
     grouped = F.lm_loss_fn(model, groups=3)(params, batch)
     per_group = F.grouped_target_loss(F.forward_with(model, params, batch).logits, batch["labels"], 3)
     torch.testing.assert_close(grouped, per_group.sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_skip_nonfinite_keeps_the_last_finite_tensors(tiny64):
+    """Evaluation's adaptation skips a diverging step instead of turning the adapter into NaN."""
+    params = _params(tiny64)
+    support = make_batch(1)
+    loss_fn = F.lm_loss_fn(tiny64)
+    diverged = F.adapt(params, support, loss_fn, steps=1, lr=float("inf"), clip=None)
+    assert not all(bool(torch.isfinite(v).all()) for v in diverged.values())
+    kept = F.adapt(params, support, loss_fn, steps=2, lr=float("inf"), clip=None, skip_nonfinite=True)
+    for name, value in kept.items():
+        assert torch.equal(value.detach(), params[name].detach()), name
+    finite = F.adapt(params, support, loss_fn, steps=1, lr=0.1, skip_nonfinite=True)
+    assert any(not torch.equal(finite[n].detach(), params[n].detach()) for n in params)

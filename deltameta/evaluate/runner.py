@@ -405,7 +405,7 @@ class Evaluator:
                 on_step(0, start)
             else:
                 F.adapt(start, support, loss_fn, steps=max(steps), lr=lr, first_order=True, clip=inner["clip"] or None,
-                        on_step=on_step, **self._optimizer_kwargs(inner))
+                        on_step=on_step, skip_nonfinite=True, **self._optimizer_kwargs(inner))
         result["passes"] = max(steps) if support is not None else 0
         return result
 

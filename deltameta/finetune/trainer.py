@@ -237,7 +237,8 @@ class _Trainer:
         losses: list[float] = []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             fast = F.adapt(F.detached(self.params), batch, F.lm_loss_fn(self.model, use_cache=False), steps=record.steps,
-                           lr=lr, first_order=True, clip=record.clip, losses=losses, **record.optimizer_kwargs())
+                           lr=lr, first_order=True, clip=record.clip, losses=losses, skip_nonfinite=True,
+                           **record.optimizer_kwargs())
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(fast[name].detach())

@@ -358,6 +358,7 @@ def adapt(
     eps: float = 1e-8,
     on_step: Callable[[int, Params], None] | None = None,
     graph_from: int = 0,
+    skip_nonfinite: bool = False,
 ) -> Params:
     """Adapt ``params`` to a task with ``steps`` optimizer steps on its support batch.
 
@@ -389,6 +390,10 @@ def adapt(
         graph_from: With ``first_order=False``, the inner gradients of the steps before this
             (0-based) step are detached all the same. Exact Meta-SGD rate gradients use 1: the
             first step's gradient does not depend on the rates, so its graph is not needed.
+        skip_nonfinite: A step that would make any tensor non-finite is skipped (the tensors stay
+            as they were), as an optimizer that checks its update would; for evaluation and
+            fine-tuning, where one diverging step must not turn the adapter into NaN. Off in
+            meta-training, whose outer loop rolls back non-finite steps itself.
 
     Returns:
         The adapted ``name -> tensor`` dict.
@@ -410,11 +415,14 @@ def adapt(
             if losses is not None:
                 losses.append(float(loss.detach()))
             detach = first_order or step < graph_from
+            previous = current
             if optimizer == "adam":
                 current = adam_step(current, loss, lr, state, first_order=detach, clip=clip, task_dim=task_dim,
                                     betas=betas, eps=eps)
             else:
                 current = sgd_step(current, loss, lr, first_order=detach, clip=clip, task_dim=task_dim)
+            if skip_nonfinite and not all(bool(torch.isfinite(v).all()) for v in current.values()):
+                current = previous
     if on_step is not None:
         on_step(steps, current)
     return current
