@@ -196,10 +196,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         "## Budget",
         "",
-        f"- adaptation: every training method gets the same {adaptation['max_steps']} steps of "
-        f"{adaptation['optimizer']} (lr {adaptation['lr']}, clip {adaptation['clip']}) on the full k-shot support set "
-        f"(one forward/backward pass per step), scored after {', '.join(steps)} steps.",
+        f"- adaptation: every training method gets the same {adaptation['max_steps']} steps "
+        f"(one forward/backward pass per step on the full k-shot support set), scored after {', '.join(steps)} steps.",
     ]
+    for method, info in results.get("methods", {}).items():
+        inner = info.get("inner_loop") or {}
+        if inner.get("optimizer"):
+            rate = "learned Meta-SGD rates" if inner.get("learned_rates") else f"lr {inner.get('lr')}"
+            lines.append(f"  - {method}: {inner['optimizer']}, {rate}, clip {inner.get('clip')}")
     for method, prep in budget["preparation"].items():
         passes = prep.get("forward_backward_passes")
         if method == "fresh-lora":
