@@ -302,7 +302,7 @@ def describe_keys(cls: type) -> str:
 
 
 def resume_config(cls: type[T], run_dir: str | Path, overrides: list[str], mutable: tuple[str, ...],
-                  recipe: str | Path | None = None, command: str = "") -> T:
+                  recipe: str | Path | None = None, command: str = "", extend: str | None = None) -> T:
     """The config of a resumed run: its saved ``config.yaml`` plus the few overrides that keep its course.
 
     Args:
@@ -312,10 +312,12 @@ def resume_config(cls: type[T], run_dir: str | Path, overrides: list[str], mutab
         mutable: Keys that may change on resume (they do not change the result).
         recipe: ``--config``; must be ``None``.
         command: The command, for messages.
+        extend: The one trajectory key a resume may change to extend the run (meta-train:
+            ``outer_steps``), or ``None``.
 
     Raises:
-        ConfigError: ``--config`` given, no ``config.yaml`` in ``run_dir``, or an override of a
-            key outside ``mutable``.
+        ConfigError: ``--config`` given, no ``config.yaml`` in ``run_dir``, or an override that
+            changes a key outside ``mutable`` (repeating the saved value is fine).
     """
     if recipe is not None:
         raise ConfigError("--resume uses the run's saved config.yaml; do not pass --config with it.")
@@ -323,11 +325,15 @@ def resume_config(cls: type[T], run_dir: str | Path, overrides: list[str], mutab
     if not saved.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a {command or 'deltameta'} run directory?")
     parsed = parse_overrides(overrides)
-    changed = sorted(k for k in parsed if k not in mutable and k != "output_dir")
+    fixed = {k: v for k, v in parsed.items() if k not in mutable and k not in (extend, "output_dir")}
+    before = build_config(cls, saved, {"output_dir": str(run_dir)})
+    after = build_config(cls, saved, {**fixed, "output_dir": str(run_dir)})  # unknown keys, types
+    changed = sorted(k for k in fixed if getattr(after, k) != getattr(before, k))
     if changed:
+        allowed = (f"{extend}=N to extend it, and {', '.join(mutable)}," if extend else ", ".join(mutable))
         raise ConfigError(
             f"--resume continues the run exactly as configured; cannot change {', '.join(changed)} "
-            f"(only {', '.join(mutable)} may be given). Start a new run instead."
+            f"(only {allowed} may be given). Start a new run instead."
         )
     parsed["output_dir"] = str(run_dir)
     return build_config(cls, saved, parsed)

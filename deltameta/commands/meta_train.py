@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
-
-from deltameta.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -53,30 +50,12 @@ def resolve_config(recipe: str | None, overrides: list[str], resume: str | None)
         ConfigError: a bad key or value, ``--resume`` together with ``--config``, or an override
             that would change a resumed run's trajectory.
     """
-    from deltameta.config import build_config, parse_overrides
+    from deltameta.config import build_config, resume_config
     from deltameta.meta.config import MetaTrainConfig
-    from deltameta.meta.run_dir import CONFIG_FILE
 
     if resume is None:
         return build_config(MetaTrainConfig, recipe, overrides)
-    if recipe is not None:
-        raise ConfigError("--resume uses the run's saved config.yaml; do not pass --config with it.")
-    saved = Path(resume) / CONFIG_FILE
-    if not saved.is_file():
-        raise ConfigError(f"--resume {resume}: no {CONFIG_FILE} there; is it a meta-train run directory?")
-    parsed = parse_overrides(overrides)
-    before = build_config(MetaTrainConfig, saved, {"output_dir": str(resume)})
-    fixed = {k: v for k, v in parsed.items() if k not in RESUME_MUTABLE and k not in (RESUME_EXTEND, "output_dir")}
-    after = build_config(MetaTrainConfig, saved, {**fixed, "output_dir": str(resume)})  # unknown keys, types
-    changed = sorted(k for k in fixed if getattr(after, k) != getattr(before, k))  # the same value is fine
-    if changed:
-        raise ConfigError(
-            f"--resume continues the run exactly as configured; cannot change {', '.join(changed)} "
-            f"(only {RESUME_EXTEND}=N to extend it, and {', '.join(RESUME_MUTABLE)}, may be given). "
-            "Start a new run instead."
-        )
-    parsed["output_dir"] = str(resume)
-    return build_config(MetaTrainConfig, saved, parsed)
+    return resume_config(MetaTrainConfig, resume, overrides, RESUME_MUTABLE, recipe, "meta-train", extend=RESUME_EXTEND)
 
 
 def run(args: argparse.Namespace) -> int:

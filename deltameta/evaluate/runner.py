@@ -304,10 +304,6 @@ class Evaluator:
                                  episode.task.template, max_length, in_context=episode.support if in_context else None,
                                  batch_size=c.batch_size, device=self.device)
 
-    def _support_loss(self, batch: dict[str, torch.Tensor]) -> float:
-        with torch.no_grad():
-            return float(common.batch_loss(self.model, batch, self.device, self.autocast))
-
     def _restore(self, method: str) -> None:
         """Put ``method``'s tensors back to their loaded (or initial) values; freeze the PEFT model."""
         if method == "meta-dynamic":
@@ -326,8 +322,6 @@ class Evaluator:
 
     def run_method(self, method: str, episode: Any) -> dict[str, Any]:
         """Run ``method`` on ``episode``: scores (and support losses) at every step of ``steps``."""
-        from deltameta.tasks import encode_examples
-
         c = self.config
         steps = c.steps
         self.current = method
@@ -380,7 +374,7 @@ class Evaluator:
             with torch.no_grad():
                 for n, p in live.items():
                     p.copy_(current[n].detach())
-                self.model = model  # _score and _support_loss use self.model
+                self.model = model  # _score uses self.model
                 try:
                     scores = self._score(episode, in_context=False)
                     result["support_loss"][str(k)] = (float(loss_fn(current, support)) if support is not None else None)
