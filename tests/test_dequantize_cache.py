@@ -59,3 +59,23 @@ def test_disabled_and_unquantized_are_no_ops(quantized, tiny_fp32):
 ])
 def test_cache_enabled(setting, device, expected):
     assert cache_enabled(setting, device) is expected
+
+
+def test_evaluate_results_equal_with_and_without_cache(tmp_path):
+    """fresh-lora on a tiny NF4 base: the same accuracies and bitwise the same losses, cache on vs off."""
+    from deltameta.config import build_config
+    from deltameta.evaluate import EvaluateConfig, run_evaluate
+
+    results = {}
+    for setting in ("true", "false"):
+        config = build_config(EvaluateConfig, overrides=dict(
+            model="tiny-random-llama", quantization="nf4", device="cpu", tasks="builtin", max_tasks=1, episodes=1,
+            shots=3, query_size=3, steps=[0, 2], max_length=64, methods=["fresh-lora"], plots=False, progress=False,
+            output_dir=str(tmp_path / setting), dequantize_cache=setting))
+        results[setting] = run_evaluate(config)
+    on, off = results["true"], results["false"]
+    assert on["budget"]["dequantize_cache"]["enabled"] and on["budget"]["dequantize_cache"]["bytes"] > 0
+    assert not off["budget"]["dequantize_cache"]["enabled"]
+    for task, entry in on["tasks"].items():
+        for key in ("accuracy", "accuracy_norm", "support_loss", "query_loss"):
+            assert entry["methods"]["fresh-lora"][key] == off["tasks"][task]["methods"]["fresh-lora"][key]
