@@ -164,6 +164,30 @@ def legacy_scoring(evaluator: Any):
         del evaluator._score
 
 
+@contextlib.contextmanager
+def without_dequantize_cache(evaluator: Any):
+    """Inside the block, the 4-bit layers dequantize on every call again (the cache stays built)."""
+    import bitsandbytes as bnb
+
+    models = torch.nn.ModuleList([evaluator.model] + ([evaluator.delta.model] if evaluator.delta is not None else []))
+    saved = [(m, m.__dict__.pop("forward")) for m in models.modules()
+             if isinstance(m, bnb.nn.Linear4bit) and "forward" in m.__dict__]
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            module.forward = forward
+
+
+def _before(evaluator: Any):
+    """The "before" path: f2cba74 scorers, no dequantize cache."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(legacy_scoring(evaluator))
+    if evaluator.config.quantization != "none":
+        stack.enter_context(without_dequantize_cache(evaluator))
+    return stack
+
+
 # ------------------------------------------------------------------------------ measurement
 
 
@@ -188,42 +212,72 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         evaluator = Evaluator(config, Path(tmp), model=common.load_frozen_base(config))
         seconds = {m: {"before": 0.0, "after": 0.0} for m in methods}
         agree = {m: [0, 0] for m in methods}
+        losses = {m: {"bitwise": 0, "total": 0, "max_abs_diff": 0.0} for m in methods}
         runs = {m: 0 for m in methods}
         load = [os.getloadavg()[0]]
-        number = 0
-        for task in evaluator.tasks:
-            for episode in evaluator.episodes_of(task):
-                for method in methods:
-                    order = ("before", "after") if number % 2 == 0 else ("after", "before")
-                    number += 1
-                    outcome = {}
-                    for path in order:
-                        with legacy_scoring(evaluator) if path == "before" else contextlib.nullcontext():
-                            started = time.perf_counter()
-                            outcome[path] = evaluator.run_method(method, episode)
-                            seconds[method][path] += time.perf_counter() - started
-                    for key in ("accuracy", "accuracy_norm"):
-                        for s in outcome["after"][key]:
-                            agree[method][0] += outcome["after"][key][s] == outcome["before"][key][s]
-                            agree[method][1] += 1
-                    runs[method] += 1
+        cache = contextlib.ExitStack()
+        started = time.perf_counter()
+        cache_bytes = cache.enter_context(evaluator.dequantize_cache())
+        cache_seconds = time.perf_counter() - started  # once per evaluation; added to "after" below
+        with cache:
+            _episodes(evaluator, methods, seconds, agree, losses, runs)
         load.append(os.getloadavg()[0])
+        trained = [m for m in methods if m not in ("zero-shot", "icl")]
+        for m in trained[:1]:
+            seconds[m]["after"] += cache_seconds
         kinds = sorted({"multiple choice" if t.is_multiple_choice else "free form" for t in evaluator.tasks})
         return {"model": args.model, "quantization": args.quantization, "device": str(evaluator.device),
                 "threads": torch.get_num_threads(), "tasks": [t.name for t in evaluator.tasks], "kinds": kinds,
                 "steps": steps, "episodes": args.episodes, "query_size": config.query_size, "shots": config.shots,
-                "seconds": seconds, "runs": runs, "agree": agree, "load_average": load}
+                "seconds": seconds, "runs": runs, "agree": agree, "losses": losses, "load_average": load,
+                "dequantize_cache": {"bytes": cache_bytes, "seconds": cache_seconds}}
+
+
+def _episodes(evaluator, methods, seconds, agree, losses, runs) -> None:
+    """Every (task, episode, method) on both paths, alternating which runs first."""
+    number = 0
+    for task in evaluator.tasks:
+        for episode in evaluator.episodes_of(task):
+            for method in methods:
+                order = ("before", "after") if number % 2 == 0 else ("after", "before")
+                number += 1
+                outcome = {}
+                for path in order:
+                    with _before(evaluator) if path == "before" else contextlib.nullcontext():
+                        started = time.perf_counter()
+                        outcome[path] = evaluator.run_method(method, episode)
+                        seconds[method][path] += time.perf_counter() - started
+                for key in ("accuracy", "accuracy_norm"):
+                    for s in outcome["after"][key]:
+                        agree[method][0] += outcome["after"][key][s] == outcome["before"][key][s]
+                        agree[method][1] += 1
+                for key in ("support_loss", "query_loss"):
+                    for s, after in outcome["after"].get(key, {}).items():
+                        before = outcome["before"][key][s]
+                        if after is None:
+                            continue
+                        losses[method]["total"] += 1
+                        losses[method]["bitwise"] += after == before
+                        losses[method]["max_abs_diff"] = max(losses[method]["max_abs_diff"], abs(after - before))
+                runs[method] += 1
+
+
+def _losses(result: dict[str, Any], method: str) -> str:
+    figures = result["losses"][method]
+    if not figures["total"]:
+        return "-"
+    return f"{figures['bitwise']}/{figures['total']} ({figures['max_abs_diff']:.1e})"
 
 
 def table(result: dict[str, Any]) -> str:
     """The markdown table of :func:`measure`'s figures."""
-    lines = ["| method | episodes | s/episode before | s/episode after | speedup | same accuracies |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | episodes | s/episode before | s/episode after | speedup | same accuracies | "
+             "bitwise-equal losses (max abs diff) |", "|---|---|---|---|---|---|---|"]
     for method, s in result["seconds"].items():
         n = max(result["runs"][method], 1)
         same, total = result["agree"][method]
         lines.append(f"| {method} | {result['runs'][method]} | {s['before'] / n:.2f} | {s['after'] / n:.2f} | "
-                     f"{s['before'] / max(s['after'], 1e-9):.1f}x | {same}/{total} |")
+                     f"{s['before'] / max(s['after'], 1e-9):.1f}x | {same}/{total} | {_losses(result, method)} |")
     return "\n".join(lines)
 
 

@@ -73,6 +73,10 @@ class EvaluateConfig(BaseModelKeys):
     # output
     seed: int = field(0, "seed of episodes, splits and fresh-LoRA init")
     batch_size: int = field(32, "rows per scoring forward")
+    dequantize_cache: str = field(
+        "auto", "auto|true|false: hold every frozen 4-bit layer dequantized for the whole evaluation (bitwise the "
+        "same numbers as bitsandbytes' dequantize-on-every-call CPU fallback; costs the layers in their compute "
+        "dtype, about 0.4 GB for smollm2-135m in float32); auto: on for CPU only")
     output_dir: str = field("runs/evaluate", "output directory")
     plots: bool = field(True, "write PNG plots")
     report_to: list[str] = report_to_field()

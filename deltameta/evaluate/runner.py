@@ -512,8 +512,20 @@ class Evaluator:
             "parity": parity,
         }
 
+    def dequantize_cache(self) -> contextlib.AbstractContextManager[int]:
+        """The config's :func:`~deltameta.dequantize_cache.dequantized_weights` over every model evaluated."""
+        from deltameta.dequantize_cache import cache_enabled, dequantized_weights
+
+        models = torch.nn.ModuleList([self.model] + ([self.delta.model] if self.delta is not None else []))
+        return dequantized_weights(models, cache_enabled(self.config.dequantize_cache, self.device))
+
     def run(self) -> dict[str, Any]:
         """Evaluate every method on every episode; write ``results.json``, the table and the plots."""
+        with self.dequantize_cache() as held:
+            results = self._run(held)
+        return results
+
+    def _run(self, cache_bytes: int) -> dict[str, Any]:
         c = self.config
         from tqdm.auto import tqdm
 
@@ -521,7 +533,8 @@ class Evaluator:
             "config": c.summary(),
             "steps": list(c.steps),
             "methods": self._method_info(),
-            "budget": self._budget(),
+            "budget": {**self._budget(), "dequantize_cache": {
+                "setting": str(c.dequantize_cache), "enabled": cache_bytes > 0, "bytes": cache_bytes}},
             "tasks": {},
             "timing": {},
         }
