@@ -10,8 +10,13 @@ of ``--steps`` adaptation steps), :meth:`Evaluator.run_method` runs twice on the
 with the current scorers (:mod:`deltameta.tasks.scoring`) and once with the scorers of git main
 f2cba74, kept verbatim below (``legacy_*``: every option of a multiple-choice query re-runs the
 whole prompt in its own row; greedy generation re-runs the whole sequence for every new token).
-The order of the two alternates from episode to episode, so that both see the same machine load.
-The script also checks that both paths give the same accuracies.
+The current path also holds the 4-bit weights dequantized (:mod:`deltameta.dequantize_cache`) and
+shares forwards (the support loss at a scored step comes from that adaptation step's own forward;
+a fresh LoRA's step-0 scores are the zero-shot scores of the same episode, which ``zero-shot``
+computed just before: a LoRA with B = 0 leaves the base's outputs unchanged); the f2cba74 path
+recomputes both. The order of the two alternates from episode to episode, so that both see the
+same machine load. The script also checks that both paths give the same accuracies and counts
+the losses that are bitwise equal.
 """
 
 from __future__ import annotations
@@ -179,10 +184,21 @@ def without_dequantize_cache(evaluator: Any):
             module.forward = forward
 
 
+@contextlib.contextmanager
+def without_shared_forwards(evaluator: Any):
+    """Recompute the support loss at every scored step and a fresh LoRA's step-0 scores (as f2cba74 did)."""
+    evaluator.shared_forwards = False
+    try:
+        yield
+    finally:
+        evaluator.shared_forwards = True
+
+
 def _before(evaluator: Any):
-    """The "before" path: f2cba74 scorers, no dequantize cache."""
+    """The "before" path: f2cba74 scorers, no dequantize cache, no shared forwards."""
     stack = contextlib.ExitStack()
     stack.enter_context(legacy_scoring(evaluator))
+    stack.enter_context(without_shared_forwards(evaluator))
     if evaluator.config.quantization != "none":
         stack.enter_context(without_dequantize_cache(evaluator))
     return stack

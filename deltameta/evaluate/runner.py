@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -154,6 +154,11 @@ class Evaluator:
             if self.record is None and self.delta.inner_loop is not None:
                 self.record, self.rates = self.delta.inner_loop, self.delta.inner_lrs
         self.current: str | None = None
+        # Exact shortcuts (tests/test_evaluate_shared_forwards.py): the support loss at a scored step before the
+        # last comes from the adaptation step's own forward, and a fresh LoRA (B = 0) scores at step 0 what the
+        # frozen base scores, computed once per episode. False recomputes both (benchmarks/evaluate_speed.py).
+        self.shared_forwards = True
+        self._base_scores: tuple[Any, dict[str, float]] | None = None  # (episode, zero-shot scores)
         self.model = base
         self.hooks: list = []
         self._attach_adapters()
@@ -304,6 +309,33 @@ class Evaluator:
                                  episode.task.template, max_length, in_context=episode.support if in_context else None,
                                  batch_size=c.batch_size, device=self.device)
 
+    def _without_adapter(self, fn: Callable[[], Any]) -> Any:
+        context = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        with context:
+            return fn()
+
+    def _base_scores_of(self, episode: Any) -> dict[str, float]:
+        """The frozen base's zero-shot scores of ``episode``, computed once per episode (with ``shared_forwards``)."""
+        if self.shared_forwards and self._base_scores is not None and self._base_scores[0] is episode:
+            return self._base_scores[1]
+        scores = self._without_adapter(lambda: self._score(episode, in_context=False))
+        if self.shared_forwards:
+            self._base_scores = (episode, scores)
+        return scores
+
+    def _leaves_base_unchanged(self, method: str, start: dict[str, torch.Tensor]) -> bool:
+        """True when ``method`` starts as a plain LoRA whose every B is zero: its outputs are the base's, exactly."""
+        if method != "fresh-lora":
+            return False
+        peft_config = getattr(self.model, "peft_config", {}).get(PEFT_NAME[method])
+        if peft_config is None or getattr(peft_config, "use_dora", False):
+            return False
+        kinds = [("B" if "lora_B" in n or "lora_embedding_B" in n else "A" if "lora_A" in n or "lora_embedding_A" in n
+                  else None) for n in start]
+        if None in kinds or "B" not in kinds:
+            return False
+        return all(bool((v == 0).all()) for (n, v), kind in zip(start.items(), kinds) if kind == "B")
+
     def _restore(self, method: str) -> None:
         """Put ``method``'s tensors back to their loaded (or initial) values; freeze the PEFT model."""
         if method == "meta-dynamic":
@@ -329,9 +361,8 @@ class Evaluator:
         started = time.perf_counter()
         try:
             if method in ("zero-shot", "icl"):
-                context = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
-                with context:
-                    scores = self._score(episode, in_context=method == "icl")
+                scores = self._base_scores_of(episode) if method == "zero-shot" else self._without_adapter(
+                    lambda: self._score(episode, in_context=True))
                 for s in steps:
                     result["accuracy"][str(s)] = scores["accuracy"]
                     result["accuracy_norm"][str(s)] = scores["accuracy_norm"]
@@ -367,6 +398,9 @@ class Evaluator:
         lr = self._rates_for(method, live, inner)
         result["query_loss"] = {}
         scoring_model = self.model
+        last = max(steps) if support is not None else 0
+        support_losses: list[float] = []  # adapt's step k forward: the support loss at step k (k < last)
+        base_at_start = self.shared_forwards and self._leaves_base_unchanged(method, start)
 
         def on_step(k: int, current: dict[str, torch.Tensor]) -> None:
             if k not in steps:
@@ -376,8 +410,16 @@ class Evaluator:
                     p.copy_(current[n].detach())
                 self.model = model  # _score uses self.model
                 try:
-                    scores = self._score(episode, in_context=False)
-                    result["support_loss"][str(k)] = (float(loss_fn(current, support)) if support is not None else None)
+                    if k == 0 and base_at_start:
+                        scores = self._base_scores_of(episode)
+                    else:
+                        scores = self._score(episode, in_context=False)
+                    if support is None:
+                        result["support_loss"][str(k)] = None
+                    elif k < last and self.shared_forwards:
+                        result["support_loss"][str(k)] = None  # from support_losses once adapt returns
+                    else:
+                        result["support_loss"][str(k)] = float(loss_fn(current, support))
                     result["query_loss"][str(k)] = float(loss_fn(current, query))
                 finally:
                     self.model = scoring_model
@@ -398,8 +440,12 @@ class Evaluator:
             if support is None or max(steps) == 0:
                 on_step(0, start)
             else:
-                F.adapt(start, support, loss_fn, steps=max(steps), lr=lr, first_order=True, clip=inner["clip"] or None,
-                        on_step=on_step, skip_nonfinite=True, **self._optimizer_kwargs(inner))
+                F.adapt(start, support, loss_fn, steps=last, lr=lr, first_order=True, clip=inner["clip"] or None,
+                        losses=support_losses, on_step=on_step, skip_nonfinite=True, **self._optimizer_kwargs(inner))
+                if self.shared_forwards:
+                    for k in steps:
+                        if k < last:
+                            result["support_loss"][str(k)] = support_losses[k]
         result["passes"] = max(steps) if support is not None else 0
         return result
 
