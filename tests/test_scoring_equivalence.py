@@ -137,6 +137,17 @@ def test_free_form_generation_unchanged(scorer, demos):
     assert fast.predictions == [t.strip().split("\n", 1)[0].strip() if t.strip() else "" for t in texts]
 
 
+def test_cached_generation_passes_the_cache_under_the_models_current_keyword(scorer):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns on the old name (removed in 5.40)."""
+    import warnings
+
+    logits_fn, tokenizer = scorer
+    prompt_ids = [p for p, _ in tokenize_pairs(tokenizer, ["Q: q\nA:"], [""], add_eos=False)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        assert len(greedy_generate(logits_fn, prompt_ids, 3, (), pad_token_id(tokenizer))[0]) == 3
+
+
 def test_generation_stops_once_the_first_line_is_complete(tiny_tokenizer):
     """A row stops at the newline that ends its first non-blank line; the prediction is unchanged."""
     tokenizer = tiny_tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -100,16 +101,29 @@ def logits_fn(model: nn.Module, autocast: bool = False):
     mask for eager attention. The cache is used only when one is passed.
     """
 
+    cache_keyword = _cache_keyword(model)
+
     def run(ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None,
             past_key_values: Any = None, logits_to_keep: int = 0) -> torch.Tensor:
         if mask.dim() == 4 and mask.dtype == torch.bool and _attention_kind(model) == "eager":
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
                 ~mask, torch.finfo(torch.float32).min)
+        cache = {cache_keyword: past_key_values} if past_key_values is not None else {}
         with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-            return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values,
+            return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache,
                          use_cache=past_key_values is not None, logits_to_keep=logits_to_keep).logits.float()
 
     return run
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``.
+
+    Newer transformers renamed the argument and warn on the old name (removal announced for 5.40).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _attention_kind(model: nn.Module) -> str:
