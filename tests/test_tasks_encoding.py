@@ -167,9 +167,8 @@ def test_free_form_scoring(tiny_fp32):
     assert echo.exact == [False] and echo.normalized == [True]
     assert normalize_answer("The  Cat!") == "cat"
 
-    def real(ids, mask, **kwargs):
-        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    from deltameta.finetune.common import logits_fn
 
     mixed = [Example("q", "b", options=["a", "b"]), Example("q", "zz")]
-    metrics = evaluate_examples(real, tokenizer, mixed, TEMPLATE)
+    metrics = evaluate_examples(logits_fn(model), tokenizer, mixed, TEMPLATE)
     assert metrics["count"] == 2 and 0.0 <= metrics["accuracy"] <= 1.0
