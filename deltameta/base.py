@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -587,6 +588,19 @@ def base_weights(name: str, source: str | None = None, revision: str | None = No
     if _looks_like_path(name):
         return weights.directory_weights(Path(name).expanduser().resolve())
     return weights.hub_weights(name, revision)
+
+
+def forward_accepts(model: torch.nn.Module, keyword: str) -> bool:
+    """Whether the forward of ``model``'s underlying transformers model declares ``keyword``.
+
+    A ``PeftModel`` forwards extra keywords through ``**kwargs``, so its own signature hides what
+    the wrapped model accepts (``logits_to_keep``, ``cache``); this looks at the wrapped model's class.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return keyword in inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_quantization(quantization: str) -> None:

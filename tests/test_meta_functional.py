@@ -171,3 +171,31 @@ def test_skip_nonfinite_keeps_the_last_finite_tensors(tiny64):
         assert torch.equal(value.detach(), params[name].detach()), name
     finite = F.adapt(params, support, loss_fn, steps=1, lr=0.1, skip_nonfinite=True)
     assert any(not torch.equal(finite[n].detach(), params[n].detach()) for n in params)
+
+
+def test_a_peft_wrapped_model_also_projects_only_target_positions(tiny_fp32):
+    """``PeftModel.forward`` takes ``**kwargs``; the sparse head must still be used (evaluate, finetune)."""
+    import copy
+
+    from deltameta.base import forward_accepts
+    from deltameta.finetune import common
+
+    model = common.attach_adapter(copy.deepcopy(tiny_fp32[0]), "fresh",
+                                  lora_config=common.fresh_lora_config(2, 4, ["q_proj", "v_proj"]))
+    assert forward_accepts(model, "logits_to_keep") and not forward_accepts(model, "no_such_keyword")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in params.items():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # a non-identity adapter
+    batch = make_batch(6, n=3, length=16)
+    seen: list[object] = []
+    inner = model.get_base_model()
+    hook = inner.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
+    try:
+        sparse = F.lm_loss_fn(model)(params, batch)
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
+    assert seen[0].numel() == F.target_positions(batch["labels"]).numel() < 15
+    full = F.grouped_target_loss(F.forward_with(model, params, batch).logits, batch["labels"], 1)[0]
+    torch.testing.assert_close(sparse, full, rtol=1e-6, atol=1e-6)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -121,9 +120,9 @@ def _cache_keyword(model: nn.Module) -> str:
 
     Newer transformers renamed the argument and warn on the old name (removal announced for 5.40).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(type(base).forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    from deltameta.base import forward_accepts
+
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
 
 def _attention_kind(model: nn.Module) -> str:

@@ -24,12 +24,12 @@ ordinary tensors of the graph, so second-order meta-gradients flow through them 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from deltameta.base import forward_accepts
 from deltameta.errors import ConfigError
 from deltameta.tasks.scoring import grouped_cross_entropy, grouped_lm_loss, lm_loss
 
@@ -129,13 +129,6 @@ def target_positions(labels: Tensor) -> Tensor:
     return (labels[:, 1:] != -100).any(0).nonzero().flatten()
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def lm_loss_fn(model: nn.Module, groups: int | None = None, **forward_kwargs: Any) -> LossFn:
     """Build the usual loss closure: target-only causal-LM loss with the given deltas.
 
@@ -150,7 +143,7 @@ def lm_loss_fn(model: nn.Module, groups: int | None = None, **forward_kwargs: An
         ``loss_fn(params, batch) -> scalar``.
     """
 
-    sparse_head = _accepts_logits_to_keep(model) and "logits_to_keep" not in forward_kwargs
+    sparse_head = forward_accepts(model, "logits_to_keep") and "logits_to_keep" not in forward_kwargs
 
     def loss_fn(params: Mapping[str, Tensor], batch: Batch) -> Tensor:
         labels = batch["labels"]
