@@ -13,8 +13,10 @@ whole prompt in its own row; greedy generation re-runs the whole sequence for ev
 The current path also holds the 4-bit weights dequantized (:mod:`deltameta.dequantize_cache`) and
 shares forwards (the support loss at a scored step comes from that adaptation step's own forward;
 a fresh LoRA's step-0 scores are the zero-shot scores of the same episode, which ``zero-shot``
-computed just before: a LoRA with B = 0 leaves the base's outputs unchanged); the f2cba74 path
-recomputes both. The order of the two alternates from episode to episode, so that both see the
+computed just before: a LoRA with B = 0 leaves the base's outputs unchanged) and, for the trained
+methods, projects only the positions that predict answer tokens onto the vocabulary (f2cba74 did so
+only without the PEFT wrapper, see :func:`full_head_under_peft`); the f2cba74 path recomputes both
+and projects every position. Losses from the sparse head agree to rounding, not bitwise. The order of the two alternates from episode to episode, so that both see the
 same machine load. The script also checks that both paths give the same accuracies and counts
 the losses that are bitwise equal.
 """
@@ -194,10 +196,30 @@ def without_shared_forwards(evaluator: Any):
         evaluator.shared_forwards = True
 
 
+@contextlib.contextmanager
+def full_head_under_peft():
+    """Inside the block, a ``PeftModel``'s loss projects every position onto the vocabulary (as f2cba74 did).
+
+    f2cba74 asked the wrapper's own ``forward`` signature whether ``logits_to_keep`` is accepted;
+    ``PeftModel.forward`` takes ``**kwargs``, so the adapted methods never used the sparse head.
+    """
+    import inspect
+
+    from deltameta.meta import functional
+
+    current = functional.forward_accepts
+    functional.forward_accepts = lambda model, keyword: keyword in inspect.signature(model.forward).parameters
+    try:
+        yield
+    finally:
+        functional.forward_accepts = current
+
+
 def _before(evaluator: Any):
-    """The "before" path: f2cba74 scorers, no dequantize cache, no shared forwards."""
+    """The "before" path: f2cba74 scorers and loss head, no dequantize cache, no shared forwards."""
     stack = contextlib.ExitStack()
     stack.enter_context(legacy_scoring(evaluator))
+    stack.enter_context(full_head_under_peft())
     stack.enter_context(without_shared_forwards(evaluator))
     if evaluator.config.quantization != "none":
         stack.enter_context(without_dequantize_cache(evaluator))

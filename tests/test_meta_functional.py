@@ -199,3 +199,11 @@ def test_a_peft_wrapped_model_also_projects_only_target_positions(tiny_fp32):
     assert seen[0].numel() == F.target_positions(batch["labels"]).numel() < 15
     full = F.grouped_target_loss(F.forward_with(model, params, batch).logits, batch["labels"], 1)[0]
     torch.testing.assert_close(sparse, full, rtol=1e-6, atol=1e-6)
+    seen.clear()
+    hook = inner.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
+    try:
+        finetune_loss = common.batch_loss(model, batch, "cpu")  # the finetune recipe's loss
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
+    torch.testing.assert_close(finetune_loss, full, rtol=1e-6, atol=1e-6)

@@ -83,14 +83,12 @@ def activate(peft_model: nn.Module, name: str) -> dict[str, nn.Parameter]:
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: Any, autocast: bool = False) -> torch.Tensor:
-    """Answer-only LM loss of an encoded batch."""
-    from deltameta.tasks import lm_loss
+    """Answer-only LM loss of an encoded batch (:func:`deltameta.meta.functional.lm_loss_fn` with the model's own weights)."""
+    from deltameta.meta import functional as F
 
     batch = {k: v.to(device) for k, v in batch.items()}
-    dev = torch.device(device).type
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return lm_loss(logits, batch["labels"])
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        return F.lm_loss_fn(model, use_cache=False)({}, batch)
 
 
 def logits_fn(model: nn.Module, autocast: bool = False):
