@@ -16,9 +16,10 @@ a fresh LoRA's step-0 scores are the zero-shot scores of the same episode, which
 computed just before: a LoRA with B = 0 leaves the base's outputs unchanged) and, for the trained
 methods, projects only the positions that predict answer tokens onto the vocabulary (f2cba74 did so
 only without the PEFT wrapper, see :func:`full_head_under_peft`); the f2cba74 path recomputes both
-and projects every position. Losses from the sparse head agree to rounding, not bitwise. The order of the two alternates from episode to episode, so that both see the
-same machine load. The script also checks that both paths give the same accuracies and counts
-the losses that are bitwise equal.
+and projects every position. Losses from the sparse head agree to rounding, not bitwise. The
+order of the two alternates from episode to episode, so that both see the same machine load. The
+script also checks that both paths give the same accuracies and counts the losses that are bitwise
+equal.
 """
 
 from __future__ import annotations

@@ -188,22 +188,22 @@ def test_a_peft_wrapped_model_also_projects_only_target_positions(tiny_fp32):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)  # a non-identity adapter
     batch = make_batch(6, n=3, length=16)
-    seen: list[object] = []
     inner = model.get_base_model()
-    hook = inner.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
-    try:
-        sparse = F.lm_loss_fn(model)(params, batch)
-    finally:
-        hook.remove()
+
+    def keep_arguments(compute):
+        """Run ``compute()``; return its value and the ``logits_to_keep`` of each forward of the wrapped model."""
+        seen: list[object] = []
+        hook = inner.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
+        try:
+            return compute(), seen
+        finally:
+            hook.remove()
+
+    sparse, seen = keep_arguments(lambda: F.lm_loss_fn(model)(params, batch))
     assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
     assert seen[0].numel() == F.target_positions(batch["labels"]).numel() < 15
     full = F.grouped_target_loss(F.forward_with(model, params, batch).logits, batch["labels"], 1)[0]
     torch.testing.assert_close(sparse, full, rtol=1e-6, atol=1e-6)
-    seen.clear()
-    hook = inner.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
-    try:
-        finetune_loss = common.batch_loss(model, batch, "cpu")  # the finetune recipe's loss
-    finally:
-        hook.remove()
+    finetune_loss, seen = keep_arguments(lambda: common.batch_loss(model, batch, "cpu"))  # the finetune recipe's loss
     assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
     torch.testing.assert_close(finetune_loss, full, rtol=1e-6, atol=1e-6)
