@@ -13,10 +13,13 @@ whole prompt in its own row; greedy generation re-runs the whole sequence for ev
 The current path also holds the 4-bit weights dequantized (:mod:`deltameta.dequantize_cache`) and
 shares forwards (the support loss at a scored step comes from that adaptation step's own forward;
 a fresh LoRA's step-0 scores are the zero-shot scores of the same episode, which ``zero-shot``
-computed just before: a LoRA with B = 0 leaves the base's outputs unchanged) and, for the trained
-methods, projects only the positions that predict answer tokens onto the vocabulary (f2cba74 did so
-only without the PEFT wrapper, see :func:`full_head_under_peft`); the f2cba74 path recomputes both
-and projects every position. Losses from the sparse head agree to rounding, not bitwise. The
+computed just before: a LoRA with B = 0 leaves the base's outputs unchanged), computes the query
+loss of a multiple-choice episode in its scoring forward (one extra block per query, see
+:func:`without_query_loss_in_scores`) and, for the trained methods, projects only the positions that
+predict answer tokens onto the vocabulary (f2cba74 did so only without the PEFT wrapper, see
+:func:`full_head_under_peft`); the f2cba74 path recomputes all of these in forwards of their own
+and projects every position. Losses from the sparse head and from the scoring forward agree to
+rounding, not bitwise. The
 order of the two alternates from episode to episode, so that both see the same machine load. The
 script also checks that both paths give the same accuracies and counts the losses that are bitwise
 equal.
@@ -149,8 +152,13 @@ def legacy_evaluate_examples(logits_fn, tokenizer, examples, template, max_lengt
     return {"accuracy": hits / count, "accuracy_norm": hits_norm / count, "count": float(len(examples))}
 
 
-def _legacy_score(self, episode: Any, in_context: bool) -> dict[str, float]:
-    """``Evaluator._score`` of f2cba74 over the legacy scorers (``logits_fn(ids, mask)``, all logits)."""
+def _legacy_score(self, episode: Any, in_context: bool, answer_loss: bool = False) -> dict[str, float]:
+    """``Evaluator._score`` of f2cba74 over the legacy scorers (``logits_fn(ids, mask)``, all logits).
+
+    ``answer_loss`` is refused: f2cba74 computed the query loss in a forward of its own.
+    """
+    if answer_loss:
+        raise ValueError("the f2cba74 scorers do not compute the query loss; use without_query_loss_in_scores")
     from deltameta.finetune import common
 
     c = self.config
@@ -198,6 +206,16 @@ def without_shared_forwards(evaluator: Any):
 
 
 @contextlib.contextmanager
+def without_query_loss_in_scores(evaluator: Any):
+    """Compute the query loss in a forward of its own at every scored step (as f2cba74 did)."""
+    evaluator.query_loss_from_scores = False
+    try:
+        yield
+    finally:
+        evaluator.query_loss_from_scores = True
+
+
+@contextlib.contextmanager
 def full_head_under_peft():
     """Inside the block, a ``PeftModel``'s loss projects every position onto the vocabulary (as f2cba74 did).
 
@@ -217,11 +235,12 @@ def full_head_under_peft():
 
 
 def _before(evaluator: Any):
-    """The "before" path: f2cba74 scorers and loss head, no dequantize cache, no shared forwards."""
+    """The "before" path: f2cba74 scorers and loss head, no dequantize cache, no shared forwards or query loss."""
     stack = contextlib.ExitStack()
     stack.enter_context(legacy_scoring(evaluator))
     stack.enter_context(full_head_under_peft())
     stack.enter_context(without_shared_forwards(evaluator))
+    stack.enter_context(without_query_loss_in_scores(evaluator))
     if evaluator.config.quantization != "none":
         stack.enter_context(without_dequantize_cache(evaluator))
     return stack

@@ -82,3 +82,49 @@ def test_only_a_lora_with_zero_b_counts_as_the_base(evaluator):
     only_a = {n: t for n, t in start.items() if "lora_A" in n}
     assert not evaluator._leaves_base_unchanged("fresh-lora", only_a)
     assert torch.equal(next(iter(start.values())), next(iter(evaluator.initial[PEFT_NAME["fresh-lora"]].values())))
+
+
+@pytest.fixture(scope="module")
+def mixed_evaluator(tmp_path_factory):
+    """One multiple-choice and one free-form built-in family."""
+    out = tmp_path_factory.mktemp("shared-mixed")
+    config = build_config(EvaluateConfig, overrides=dict(
+        model="tiny-random-llama", quantization="nf4", device="cpu", tasks="builtin:kv_lookup,base_arith",
+        splits="train=1", split="train", max_tasks=2, episodes=2, shots=3, query_size=3, steps=[0, 1, 3],
+        max_length=64, methods=["zero-shot", "fresh-lora"], plots=False, progress=False, output_dir=str(out)))
+    return Evaluator(config, Path(out), model=common.load_frozen_base(config))
+
+
+def test_query_loss_from_the_scoring_forward_equals_its_own_forward(mixed_evaluator):
+    """The query loss of a multiple-choice episode rides in the scoring forward: same numbers, fewer forwards."""
+    evaluator = mixed_evaluator
+    embeddings = evaluator.model.get_input_embeddings()
+    forwards = 0
+
+    def count(*_):
+        nonlocal forwards
+        forwards += 1
+
+    handle = embeddings.register_forward_pre_hook(count)
+    runs = {}
+    try:
+        for riding in (True, False):
+            evaluator.query_loss_from_scores = riding
+            forwards = 0
+            runs[riding] = (_run_all(evaluator, shared=True)[0], forwards)
+    finally:
+        handle.remove()
+        evaluator.query_loss_from_scores = True
+    (riding, riding_forwards), (separate, separate_forwards) = runs[True], runs[False]
+    steps = len(evaluator.config.steps)
+    mc_episodes = sum(t.is_multiple_choice for t in evaluator.tasks) * evaluator.config.episodes
+    assert 0 < mc_episodes < len(evaluator.tasks) * evaluator.config.episodes
+    assert separate_forwards - riding_forwards == mc_episodes * steps  # one query-loss forward per scored step
+    compared = 0
+    for a, b in zip(riding, separate):
+        for key in ("accuracy", "accuracy_norm", "support_loss"):
+            assert a.get(key) == b.get(key), key
+        for step, loss in b.get("query_loss", {}).items():
+            assert a["query_loss"][step] == pytest.approx(loss, rel=1e-5)
+            compared += 1
+    assert compared == len(evaluator.tasks) * evaluator.config.episodes * steps

@@ -116,6 +116,34 @@ def test_multiple_choice_scores_unchanged(scorer, demos, max_length):
     assert len({round(v, 3) for s in reference for v in s}) > 5, "degenerate scores would not test anything"
 
 
+@pytest.mark.parametrize("max_length", [256, 14, 4])
+def test_answer_loss_rides_in_the_scoring_forward(scorer, max_length):
+    """``answer_loss=True`` gives the loss of the encoded query batch and leaves every score as it was."""
+    from deltameta.tasks import encode_examples, lm_loss
+
+    logits_fn, tokenizer = scorer
+    plain = score_multiple_choice(logits_fn, tokenizer, MC, TEMPLATE, max_length=max_length, batch_size=2)
+    with_loss = score_multiple_choice(logits_fn, tokenizer, MC, TEMPLATE, max_length=max_length, batch_size=2,
+                                      answer_loss=True)
+    batch = encode_examples(tokenizer, MC, TEMPLATE, max_length)
+    want = float(lm_loss(logits_fn(batch["input_ids"], batch["attention_mask"]), batch["labels"]))
+    assert plain.answer_loss is None
+    assert with_loss.answer_loss == pytest.approx(want, rel=1e-5, abs=1e-5)
+    for got, want_scores in zip(with_loss.scores, plain.scores):
+        assert got == pytest.approx(want_scores, abs=1e-4)
+    assert (with_loss.predictions, with_loss.accuracy, with_loss.accuracy_norm) == (
+        plain.predictions, plain.accuracy, plain.accuracy_norm)
+
+
+def test_answer_loss_is_left_out_when_any_example_is_free_form(scorer):
+    from deltameta.tasks import evaluate_examples
+
+    logits_fn, tokenizer = scorer
+    assert evaluate_examples(logits_fn, tokenizer, MC, TEMPLATE, answer_loss=True)["answer_loss"] > 0
+    assert evaluate_examples(logits_fn, tokenizer, MC + FREE[:1], TEMPLATE, answer_loss=True)["answer_loss"] is None
+    assert evaluate_examples(logits_fn, tokenizer, MC, TEMPLATE)["answer_loss"] is None
+
+
 @pytest.mark.parametrize("demos", [False, True])
 def test_free_form_generation_unchanged(scorer, demos):
     logits_fn, tokenizer = scorer

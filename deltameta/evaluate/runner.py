@@ -158,7 +158,11 @@ class Evaluator:
         # last comes from the adaptation step's own forward, and a fresh LoRA (B = 0) scores at step 0 what the
         # frozen base scores, computed once per episode. False recomputes both (benchmarks/evaluate_speed.py).
         self.shared_forwards = True
-        self._base_scores: tuple[Any, dict[str, float]] | None = None  # (episode, zero-shot scores)
+        # The query loss of a multiple-choice episode rides in the scoring forward (one extra block per query,
+        # score_multiple_choice(answer_loss=True)) instead of a forward of its own: equal to float rounding, not
+        # bitwise (tests/test_evaluate_shared_forwards.py). False computes it separately (benchmarks/evaluate_speed.py).
+        self.query_loss_from_scores = True
+        self._base_scores: tuple[Any, dict[str, float | None]] | None = None  # (episode, zero-shot scores)
         self.model = base
         self.hooks: list = []
         self._attach_adapters()
@@ -298,7 +302,8 @@ class Evaluator:
                                  seed=derive_seed(c.seed, "evaluate", task.name) % (2**31), balanced=c.balanced)
         return [sampler.episode(i) for i in range(c.episodes)]
 
-    def _score(self, episode: Any, in_context: bool) -> dict[str, float]:
+    def _score(self, episode: Any, in_context: bool, answer_loss: bool = False) -> dict[str, float | None]:
+        """``evaluate_examples`` of ``episode``'s queries (``answer_loss``: also their query loss, where MC)."""
         from deltameta.tasks import evaluate_examples
 
         c = self.config
@@ -307,18 +312,19 @@ class Evaluator:
             max_length = c.icl_max_length or c.max_length * (c.shots + 1)
         return evaluate_examples(common.logits_fn(self.model, self.autocast), self.tokenizer, episode.query,
                                  episode.task.template, max_length, in_context=episode.support if in_context else None,
-                                 batch_size=c.batch_size, device=self.device)
+                                 batch_size=c.batch_size, device=self.device, answer_loss=answer_loss)
 
     def _without_adapter(self, fn: Callable[[], Any]) -> Any:
         context = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
         with context:
             return fn()
 
-    def _base_scores_of(self, episode: Any) -> dict[str, float]:
+    def _base_scores_of(self, episode: Any) -> dict[str, float | None]:
         """The frozen base's zero-shot scores of ``episode``, computed once per episode (with ``shared_forwards``)."""
         if self.shared_forwards and self._base_scores is not None and self._base_scores[0] is episode:
             return self._base_scores[1]
-        scores = self._without_adapter(lambda: self._score(episode, in_context=False))
+        scores = self._without_adapter(
+            lambda: self._score(episode, in_context=False, answer_loss=self.query_loss_from_scores))
         if self.shared_forwards:
             self._base_scores = (episode, scores)
         return scores
@@ -413,14 +419,15 @@ class Evaluator:
                     if k == 0 and base_at_start:
                         scores = self._base_scores_of(episode)
                     else:
-                        scores = self._score(episode, in_context=False)
+                        scores = self._score(episode, in_context=False, answer_loss=self.query_loss_from_scores)
                     if support is None:
                         result["support_loss"][str(k)] = None
                     elif k < last and self.shared_forwards:
                         result["support_loss"][str(k)] = None  # from support_losses once adapt returns
                     else:
                         result["support_loss"][str(k)] = float(loss_fn(current, support))
-                    result["query_loss"][str(k)] = float(loss_fn(current, query))
+                    query_loss = scores.get("answer_loss") if self.query_loss_from_scores else None
+                    result["query_loss"][str(k)] = float(loss_fn(current, query)) if query_loss is None else query_loss
                 finally:
                     self.model = scoring_model
             result["accuracy"][str(k)] = scores["accuracy"]

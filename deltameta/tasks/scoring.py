@@ -118,6 +118,10 @@ class MultipleChoiceResult:
         predictions_norm: Argmax of the length-normalized (per-token) log-likelihood.
         accuracy: Fraction of ``predictions`` among the correct options.
         accuracy_norm: Same for ``predictions_norm``.
+        answer_loss: With ``answer_loss=True``, the mean cross-entropy over the answer tokens (and
+            EOS) of every example's ``target``: the :func:`lm_loss` of the same examples encoded by
+            :func:`~deltameta.tasks.encoding.encode_examples`, equal to it up to float rounding;
+            ``None`` otherwise.
     """
 
     scores: list[list[float]]
@@ -126,6 +130,7 @@ class MultipleChoiceResult:
     predictions_norm: list[int]
     accuracy: float
     accuracy_norm: float
+    answer_loss: float | None = None
 
 
 def block_causal_mask(blocks: torch.Tensor) -> torch.Tensor:
@@ -149,9 +154,16 @@ def block_causal_mask(blocks: torch.Tensor) -> torch.Tensor:
     return allowed.unsqueeze(1)
 
 
+ANSWER_BLOCK = -1
+"""The option index of the extra block that :func:`score_multiple_choice` packs for ``answer_loss``."""
+
+
 @dataclasses.dataclass
 class _Packed:
-    """One packed row: a prompt and the options scored after it (``options``: (option index, target ids))."""
+    """One packed row: a prompt and the options scored after it (``options``: (option index, target ids)).
+
+    Option index :data:`ANSWER_BLOCK` marks the block of the answer and EOS whose loss is wanted.
+    """
 
     owner: int
     prompt: list[int]
@@ -232,6 +244,7 @@ def score_multiple_choice(
     in_context: Sequence[Example] | None = None,
     batch_size: int = 32,
     device: torch.device | str | None = None,
+    answer_loss: bool = False,
 ) -> MultipleChoiceResult:
     """Score every option of multiple-choice examples by its log-likelihood after the prompt.
 
@@ -239,6 +252,12 @@ def score_multiple_choice(
     (prompt cut on the left); the options of one example that keep the same prompt are then
     packed after one copy of it (see the module docstring), so the prompt runs once per example.
     ``batch_size`` packed rows go through one ``logits_fn`` call. No EOS is appended to the options.
+
+    With ``answer_loss``, one more block per example, its ``target`` followed by EOS (truncated
+    with its prompt as :func:`~deltameta.tasks.encoding.encode_examples` truncates a row), rides
+    in the same forward, so the loss of the answers costs a few tokens instead of a forward of its
+    own. The option blocks never attend to it, so the scores are those of a run without it, up
+    to float rounding from the wider rows.
 
     Args:
         logits_fn: See :data:`LogitsFn` (called with a 4-D mask, ``position_ids`` and ``logits_to_keep``).
@@ -249,6 +268,7 @@ def score_multiple_choice(
         in_context: Demonstrations put before every prompt.
         batch_size: Packed rows (examples) per ``logits_fn`` call.
         device: Where to put the batches (default: CPU tensors).
+        answer_loss: Also compute :attr:`MultipleChoiceResult.answer_loss`.
 
     Returns:
         The scores and accuracies.
@@ -270,14 +290,24 @@ def score_multiple_choice(
             owners.append(number)
             numbers.append(option_number)
     pairs = [truncate_pair(p, t, max_length)[:2] for p, t in tokenize_pairs(tokenizer, prompts, targets, add_eos=False)]
-    packed = _pack([(o, n, p, t) for o, n, (p, t) in zip(owners, numbers, pairs)])
+    entries = [(o, n, p, t) for o, n, (p, t) in zip(owners, numbers, pairs)]
+    if answer_loss:
+        answers = tokenize_pairs(tokenizer, [template.render_prompt(e, in_context or ()) for e in examples],
+                                 [template.render_target(e.target) for e in examples], add_eos=True)
+        entries += [(o, ANSWER_BLOCK, *truncate_pair(p, t, max_length)[:2]) for o, (p, t) in enumerate(answers)]
+        entries.sort(key=lambda entry: entry[0])  # each answer block next to its example's options
+    packed = _pack(entries)
     pad = pad_token_id(tokenizer)
     scores: list[list[float]] = [[0.0] * len(e.options) for e in examples]
     lengths: list[list[int]] = [[0] * len(e.options) for e in examples]
+    loss_total, loss_count = 0.0, 0
     for start in range(0, len(packed), batch_size):
         chunk = packed[start : start + batch_size]
         for row, scored in zip(chunk, _score_packed(logits_fn, chunk, pad, device)):
             for option, total, count in scored:
+                if option == ANSWER_BLOCK:
+                    loss_total, loss_count = loss_total - total, loss_count + count
+                    continue
                 scores[row.owner][option] = total
                 lengths[row.owner][option] = count
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
@@ -292,6 +322,7 @@ def score_multiple_choice(
         predictions_norm=predictions_norm,
         accuracy=hits / len(examples),
         accuracy_norm=hits_norm / len(examples),
+        answer_loss=(loss_total / max(loss_count, 1)) if answer_loss else None,
     )
 
 
@@ -473,20 +504,30 @@ def evaluate_examples(
     in_context: Sequence[Example] | None = None,
     batch_size: int = 32,
     device: torch.device | str | None = None,
-) -> dict[str, float]:
+    answer_loss: bool = False,
+) -> dict[str, float | None]:
     """Score a mix of examples: multiple choice by log-likelihood, free-form by exact match.
+
+    Args:
+        answer_loss: When every example is multiple choice, also return ``answer_loss`` from the
+            scoring forward (see :func:`score_multiple_choice`); with any free-form example it is
+            not computed (``None``).
 
     Returns:
         ``accuracy`` (summed-likelihood MC predictions and exact matches over all examples),
-        ``accuracy_norm`` (length-normalized MC, normalized free-form match) and ``count``.
+        ``accuracy_norm`` (length-normalized MC, normalized free-form match), ``count``, and
+        ``answer_loss`` (``None`` unless computed).
     """
     mc = [e for e in examples if e.options is not None]
     free = [e for e in examples if e.options is None]
     hits = hits_norm = 0.0
+    loss = None
     if mc:
-        result = score_multiple_choice(logits_fn, tokenizer, mc, template, max_length, in_context, batch_size, device)
+        result = score_multiple_choice(logits_fn, tokenizer, mc, template, max_length, in_context, batch_size, device,
+                                       answer_loss=answer_loss and not free)
         hits += result.accuracy * len(mc)
         hits_norm += result.accuracy_norm * len(mc)
+        loss = result.answer_loss
     if free:
         generated = score_free_form(
             logits_fn, tokenizer, free, template, max_length, in_context, batch_size=batch_size, device=device
@@ -494,4 +535,5 @@ def evaluate_examples(
         hits += generated.exact_match * len(free)
         hits_norm += generated.normalized_match * len(free)
     count = max(len(examples), 1)
-    return {"accuracy": hits / count, "accuracy_norm": hits_norm / count, "count": float(len(examples))}
+    return {"accuracy": hits / count, "accuracy_norm": hits_norm / count, "count": float(len(examples)),
+            "answer_loss": loss}
