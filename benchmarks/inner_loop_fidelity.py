@@ -69,8 +69,8 @@ def evaluate_losses(run_dir: Path, cfg: dict, episodes: int, max_tasks: int, out
     class Probe(Evaluator):
         """Records the query loss wherever evaluate scores (any deltameta version calls ``_score``)."""
 
-        def _score(self, episode, in_context):
-            scores = super()._score(episode, in_context)
+        def _score(self, episode, in_context, **kwargs):
+            scores = super()._score(episode, in_context, **kwargs)
             batch = encode_examples(self.tokenizer, list(episode.query), episode.task.template, self.config.max_length)
             with torch.no_grad():
                 loss = float(common.batch_loss(self.model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
