@@ -19,10 +19,9 @@ loss of a multiple-choice episode in its scoring forward (one extra block per qu
 predict answer tokens onto the vocabulary (f2cba74 did so only without the PEFT wrapper, see
 :func:`full_head_under_peft`); the f2cba74 path recomputes all of these in forwards of their own
 and projects every position. Losses from the sparse head and from the scoring forward agree to
-rounding, not bitwise. The
-order of the two alternates from episode to episode, so that both see the same machine load. The
-script also checks that both paths give the same accuracies and counts the losses that are bitwise
-equal.
+rounding, not bitwise. The order of the two alternates from episode to episode, so that both see
+the same machine load. The script also checks that both paths give the same accuracies and counts
+the losses that are bitwise equal.
 """
 
 from __future__ import annotations
