@@ -14,7 +14,8 @@ For one configuration (the ``key=value`` overrides after ``--`` go to both meta-
    tokens: the compute-matched baseline);
 3. ``eval-rules``: ``deltameta evaluate`` on *new tasks of the meta-training families* (hidden rules
    never seen: task indices ``--tasks-per-family`` .. 2x-1 of each meta-training family);
-4. ``eval-families``: on the held-out built-in families (the ``validation`` split);
+4. ``eval-families``: on the held-out built-in families (the ``validation`` split, or the families
+   named by ``--heldout-families`` when the meta-train reads only some built-in families);
 5. ``eval-dev``: on bigbench-lite ``dev`` (only with ``--bigbench``; never meta-trained on);
 6. ``report``: one markdown row per evaluation and method (accuracy after the adapter's trained
    number of inner steps, paired differences against the baselines with 95% CIs), appended to
@@ -82,8 +83,13 @@ def _train_families(meta_run: Path) -> tuple[list[str], int, int, int]:
     return families, per_family, int(config["builtin_examples_per_task"]), int(config["seed"])
 
 
-def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool) -> dict[str, dict[str, Any]]:
-    """The evaluate overrides of each evaluation stage (only those that apply)."""
+def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool,
+                heldout_families: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The evaluate overrides of each evaluation stage (only those that apply).
+
+    Raises:
+        SystemExit: a family of ``heldout_families`` is one the meta-train read.
+    """
     families, per_family, examples, seed = _train_families(meta_run)
     new_rules = [f"{family}__{i:03d}" for family in families for i in range(per_family, 2 * per_family)]
     stages: dict[str, dict[str, Any]] = {
@@ -94,6 +100,14 @@ def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool) ->
                           "builtin_tasks_per_family": per_family, "builtin_examples_per_task": examples,
                           "seed": seed},
     }
+    if heldout_families:
+        seen = sorted(set(heldout_families) & set(families))
+        if seen:
+            raise SystemExit(f"--heldout-families {','.join(heldout_families)}: {', '.join(seen)} "
+                             f"were meta-trained on (the meta-train read {', '.join(families)}).")
+        stages["eval-families"] = {"tasks": "builtin:" + ",".join(heldout_families), "splits": "", "split": "",
+                                   "builtin_tasks_per_family": per_family, "builtin_examples_per_task": examples,
+                                   "seed": seed}
     if bigbench:
         stages["eval-dev"] = {"tasks": bigbench, "splits": str(Path(bigbench) / "splits.json"), "split": "dev",
                               "seed": seed}
@@ -146,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--eval", default="", help="extra evaluate overrides for every evaluation stage, "
                         "space-separated key=value (e.g. 'max_tasks=12 episodes=4 steps=[0,2,5]')")
+    parser.add_argument("--heldout-families", default="",
+                        help="comma-separated built-in families for eval-families, none of them meta-trained on "
+                             "(default: the validation split of all built-in families)")
     parser.add_argument("overrides", nargs="*", help="key=value meta-train overrides (after --)")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -169,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             timings[run] = _deltameta(["meta-train", "--overwrite", *_keys(run_keys)], out / f"{run}.log")
     wanted = [s for s in stages if s.startswith("eval-")]
     if wanted:
-        for stage, eval_keys in evaluations(out, out / "meta", args.bigbench, args.smoke).items():
+        for stage, eval_keys in evaluations(out, out / "meta", args.bigbench, args.smoke,
+                                             [f for f in args.heldout_families.split(",") if f]).items():
             if stage in wanted and not (out / stage / "results.json").exists():
                 if args.model and not args.smoke:
                     eval_keys["model"] = args.model
