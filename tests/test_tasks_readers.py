@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +13,7 @@ from deltameta.tasks import Example, PromptTemplate, TaskCollection, load_tasks
 from deltameta.tasks.bigbench import read_bigbench_file
 from deltameta.tasks.builtin import FAMILIES, generate_family
 from deltameta.tasks.jsonl import read_jsonl
+from deltameta.tasks.loader import data_options, source_parts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 BIGBENCH = FIXTURES / "bigbench"
@@ -214,6 +216,35 @@ def test_load_tasks_merges_sources_and_overrides_template():
     assert isinstance(collection, TaskCollection) and len(collection) == 6
     task = collection["glue__sst2"]
     assert task.template == PromptTemplate("Q: {input}\nA:", " {target}")
+
+
+def test_plus_joins_sources_and_a_splits_file_names_builtin_families(tmp_path):
+    """'builtin:F+DIR' mixes built-in and BIG-bench tasks; a splits.json may name the built-in families."""
+    splits = write_json(tmp_path / "splits.json", {"meta_train": ["kv_lookup", "color"], "dev": ["math", "animal_sound"]})
+    result = load_tasks(f"builtin:kv_lookup+{BIGBENCH}", splits=splits, builtin_tasks_per_family=3,
+                        builtin_examples_per_task=8)
+    assert result["meta_train"].families == ["color", "kv_lookup"]
+    assert sorted(result["meta_train"].names) == ["color__hex", "color__name", *(f"kv_lookup__{i:03d}" for i in range(3))]
+    assert sorted(result["dev"].names) == ["animal_sound", "math__add"]
+    assert len(load_tasks(f"{BIGBENCH}+{FIXTURES / 'metaicl.jsonl'}")) == 6  # the same as the list form
+
+
+def test_plus_in_an_existing_path_is_one_source(tmp_path):
+    folder = tmp_path / "tasks+more"
+    folder.mkdir()
+    write_json(folder / "a__b.json", {"examples": [{"input": "q", "target_scores": {"x": 1, "y": 0}}]})
+    assert source_parts(str(folder)) == [str(folder)]
+    assert load_tasks(str(folder)).names == ["a__b"]
+    assert source_parts("builtin:linear + x.jsonl") == ["builtin:linear", "x.jsonl"]
+    with pytest.raises(DataError, match="'nowhere' not found"):
+        load_tasks("builtin:linear+nowhere")
+
+
+def test_data_options_pass_builtin_sizes_when_any_part_is_builtin():
+    config = SimpleNamespace(seed=1, tasks=f"{BIGBENCH}+builtin:linear", builtin_tasks_per_family=5,
+                             builtin_examples_per_task=9, columns={}, template="")
+    assert data_options(config) == {"seed": 1, "builtin_tasks_per_family": 5, "builtin_examples_per_task": 9}
+    assert data_options(config, str(BIGBENCH)) == {"seed": 1}
 
 
 def test_load_tasks_duplicate_names_and_missing_sources(tmp_path):

@@ -8,7 +8,7 @@ from deltameta.errors import ConfigError
 
 _SOURCE_HELP = (
     "task source: a BIG-bench .json file or directory, a MetaICL .jsonl file, a .csv/.parquet file, "
-    "'builtin' (or 'builtin:FAMILY,...'), or a hub id"
+    "'builtin' (or 'builtin:FAMILY,...'), or a hub id; join several with '+' (e.g. 'builtin:kv_lookup+DIR')"
 )
 
 

@@ -37,7 +37,7 @@ class EvaluateConfig(BaseModelKeys):
     adapters: dict[str, str] = field({}, "several at once: {meta: RUN_DIR, multitask: RUN_DIR}")
 
     # tasks and episodes
-    tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file")
+    tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file; join several with '+'")
     columns: dict[str, str] = columns_field()
     template: str = template_field()
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios ('' : no split)")

@@ -25,7 +25,7 @@ class MetaTrainConfig(BaseModelKeys):
     gradient_checkpointing: bool = field(False, "recompute activations in backward (first-order algorithms only)")
 
     # tasks
-    tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file")
+    tasks: str = field("builtin", "task source: 'builtin', 'builtin:FAMILY,...', a BIG-bench dir, a jsonl/csv file; join several with '+'")
     columns: dict[str, str] = columns_field()
     template: str = template_field()
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios like train=0.8,validation=0.2")

@@ -27,6 +27,25 @@ def _progress(items: list, description: str, show: bool | None):
     return tqdm(items, desc=description, unit="file", disable=None if show is None else not show, leave=False)
 
 
+def source_parts(source: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """The sources of a ``tasks`` value: a list as is, ``'A+B'`` as ``[A, B]``, anything else alone.
+
+    A string that names an existing file or directory is one source even when it holds ``+``.
+
+    Args:
+        source: A ``tasks`` value, e.g. ``'builtin:kv_lookup+../data/bigbench-lite'``.
+
+    Returns:
+        The sources, in order, empty parts dropped.
+    """
+    if not isinstance(source, (str, Path)):
+        return list(source)
+    text = str(source)
+    if isinstance(source, Path) or "+" not in text or Path(text).expanduser().exists():
+        return [source]
+    return [part.strip() for part in text.split("+") if part.strip()]
+
+
 def read_source(
     source: str | Path,
     *,
@@ -127,8 +146,12 @@ def load_tasks(
       with ``datasets``); with ``columns``, ``.json``/``.jsonl`` are read with ``datasets`` too;
     * a hub id ``org/name`` (or ``hf:name``), read with ``datasets`` using ``columns``.
 
+    Several sources are merged: a list of them, or one string joining them with ``+``, e.g.
+    ``builtin:kv_lookup+../data/bigbench-lite`` (see :func:`source_parts`). A ``splits.json`` may
+    then name the built-in families beside the BIG-bench tasks.
+
     Args:
-        source: One source or a list of them (merged; task names must be unique).
+        source: One source, a list of them or ``'A+B'`` (merged; task names must be unique).
         splits: A ``splits.json`` path, ratios like ``"train=0.8,dev=0.1,test=0.1"``, or a ratio
             dict; families are the split unit. ``None`` or ``""``: no split.
         columns: Field -> column mapping for ``datasets`` sources (``input``, ``output`` (or
@@ -151,7 +174,7 @@ def load_tasks(
         DataError: missing or malformed source, duplicate task names, bad splits.
         ConfigError: bad column mapping key, template, family or ratios.
     """
-    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    sources = source_parts(source)
     if not sources:
         raise DataError("no task source given.")
     tasks: list[Task] = []
@@ -192,7 +215,7 @@ def data_options(config: Any, source: str | None = None) -> dict[str, Any]:
         Keywords for :func:`load_tasks` (``columns``/``template`` only when set).
     """
     kwargs: dict[str, Any] = {"seed": config.seed}
-    if str(config.tasks if source is None else source).startswith(BUILTIN):
+    if any(str(part).startswith(BUILTIN) for part in source_parts(config.tasks if source is None else source)):
         kwargs.update(builtin_tasks_per_family=config.builtin_tasks_per_family,
                       builtin_examples_per_task=config.builtin_examples_per_task)
     if getattr(config, "columns", None):
