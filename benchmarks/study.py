@@ -5,7 +5,8 @@ run in pieces across working sessions and resumed):
 
     python benchmarks/study.py --name fomaml-lora [--bigbench ../shared/data/bigbench-lite] \
         [--out runs/study] [--stages meta,multitask,eval-rules,eval-families,eval-dev,report] \
-        [--eval "max_tasks=12 episodes=4"] -- algorithm=fomaml delta=lora controller=none inner_steps=2
+        [--heldout-families kv_lookup] [--eval "max_tasks=12 episodes=4"] \
+        -- algorithm=fomaml delta=lora controller=none inner_steps=2
 
 For one configuration (the ``key=value`` overrides after ``--`` go to both meta-trainings):
 
@@ -69,17 +70,18 @@ def _override_dict(overrides: list[str]) -> dict[str, str]:
 
 
 def _train_families(meta_run: Path) -> tuple[list[str], int, int, int]:
-    """The meta-training families of a run, its tasks per family, examples per task and seed."""
+    """The built-in meta-training families of a run, its tasks per family, examples per task and seed."""
     import yaml
 
     from deltameta.tasks import load_tasks
+    from deltameta.tasks.builtin import FAMILIES
 
     config = yaml.safe_load((meta_run / "config.yaml").read_text(encoding="utf-8"))
     per_family = int(config["builtin_tasks_per_family"])
     splits = load_tasks(config["tasks"], splits=config["splits"], seed=config["seed"],
                         builtin_tasks_per_family=per_family,
                         builtin_examples_per_task=config["builtin_examples_per_task"])
-    families = sorted({t.family for t in splits[config["train_split"]]})
+    families = sorted({t.family for t in splits[config["train_split"]] if t.family in FAMILIES})
     return families, per_family, int(config["builtin_examples_per_task"]), int(config["seed"])
 
 
@@ -93,13 +95,14 @@ def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool,
     families, per_family, examples, seed = _train_families(meta_run)
     new_rules = [f"{family}__{i:03d}" for family in families for i in range(per_family, 2 * per_family)]
     stages: dict[str, dict[str, Any]] = {
-        "eval-rules": {"tasks": "builtin:" + ",".join(families), "splits": "", "split": "",
-                       "builtin_tasks_per_family": 2 * per_family, "builtin_examples_per_task": examples,
-                       "task_names": "[" + ",".join(new_rules) + "]", "seed": seed},
         "eval-families": {"tasks": "builtin", "splits": "train=0.75,validation=0.25", "split": "validation",
                           "builtin_tasks_per_family": per_family, "builtin_examples_per_task": examples,
                           "seed": seed},
     }
+    if families:  # new rules of the built-in families meta-trained on (none for a BIG-bench-only run)
+        stages["eval-rules"] = {"tasks": "builtin:" + ",".join(families), "splits": "", "split": "",
+                                "builtin_tasks_per_family": 2 * per_family, "builtin_examples_per_task": examples,
+                                "task_names": "[" + ",".join(new_rules) + "]", "seed": seed}
     if heldout_families:
         seen = sorted(set(heldout_families) & set(families))
         if seen:
@@ -169,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    explicit = args.stages != ",".join(STAGES)  # the default runs the evaluations that apply
+    if explicit and "eval-dev" in stages and not args.bigbench:
+        parser.error("stage eval-dev needs --bigbench (the bigbench-lite folder with splits.json)")
     out = Path(args.out) / args.name
     out.mkdir(parents=True, exist_ok=True)
     keys = dict(STUDY_KEYS)
@@ -186,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             timings[run] = _deltameta(["meta-train", "--overwrite", *_keys(run_keys)], out / f"{run}.log")
     wanted = [s for s in stages if s.startswith("eval-")]
     if wanted:
-        for stage, eval_keys in evaluations(out, out / "meta", args.bigbench, args.smoke,
-                                             [f for f in args.heldout_families.split(",") if f]).items():
+        available = evaluations(out, out / "meta", args.bigbench, args.smoke,
+                                [f for f in args.heldout_families.split(",") if f])
+        if explicit and "eval-rules" in wanted and "eval-rules" not in available:
+            parser.error("stage eval-rules does not apply: the meta-train read no built-in family "
+                         "(its trained stages are kept; drop eval-rules from --stages)")
+        for stage, eval_keys in available.items():
             if stage in wanted and not (out / stage / "results.json").exists():
                 if args.model and not args.smoke:
                     eval_keys["model"] = args.model

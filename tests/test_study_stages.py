@@ -54,3 +54,28 @@ def test_heldout_families_evaluates_the_named_unseen_families(study, meta_run, t
 def test_heldout_families_refuses_a_meta_trained_family(study, meta_run, tmp_path):
     with pytest.raises(SystemExit, match="word_category were meta-trained on"):
         study.evaluations(tmp_path, meta_run, None, smoke=False, heldout_families=["kv_lookup", "word_category"])
+
+
+def test_a_mixed_run_gets_new_rules_of_its_builtin_families_only(study, tmp_path):
+    """A run that read built-in families beside BIG-bench tasks: eval-rules names only the built-in ones."""
+    bigbench = REPO / "tests" / "fixtures" / "tasks" / "bigbench"
+    splits = tmp_path / "mix.json"
+    splits.write_text('{"meta_train": ["color__hex", "math__add", "kv_lookup"], "dev": ["animal_sound"]}')
+    run = tmp_path / "meta"
+    run.mkdir()
+    config = {"tasks": f"builtin:kv_lookup+{bigbench}", "splits": str(splits), "train_split": "meta_train",
+              "seed": 0, "builtin_tasks_per_family": 2, "builtin_examples_per_task": 8}
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    stages = study.evaluations(tmp_path, run, str(bigbench), smoke=False)
+    assert stages["eval-rules"]["tasks"] == "builtin:kv_lookup"
+    assert stages["eval-rules"]["task_names"] == "[kv_lookup__002,kv_lookup__003]"
+    bigbench_only = dict(config, tasks=str(bigbench), splits=str(bigbench / "splits.json"))
+    (run / "config.yaml").write_text(yaml.safe_dump(bigbench_only), encoding="utf-8")
+    assert "eval-rules" not in study.evaluations(tmp_path, run, str(bigbench), smoke=False)
+
+
+def test_an_explicit_eval_dev_without_bigbench_fails_before_any_training(study, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        study.main(["--name", "x", "--out", str(tmp_path), "--stages", "meta,eval-dev"])
+    assert error.value.code == 2 and "eval-dev needs --bigbench" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
