@@ -5,7 +5,7 @@ run in pieces across working sessions and resumed):
 
     python benchmarks/study.py --name fomaml-lora [--bigbench ../shared/data/bigbench-lite] \
         [--out runs/study] [--stages meta,multitask,eval-rules,eval-families,eval-dev,report] \
-        [--heldout-families kv_lookup] [--eval "max_tasks=12 episodes=4"] \
+        [--heldout-families kv_lookup] [--mix-builtin kv_lookup] [--eval "max_tasks=12 episodes=4"] \
         -- algorithm=fomaml delta=lora controller=none inner_steps=2
 
 For one configuration (the ``key=value`` overrides after ``--`` go to both meta-trainings):
@@ -18,6 +18,8 @@ For one configuration (the ``key=value`` overrides after ``--`` go to both meta-
 4. ``eval-families``: on the held-out built-in families (the ``validation`` split, or the families
    named by ``--heldout-families`` when the meta-train reads only some built-in families);
 5. ``eval-dev``: on bigbench-lite ``dev`` (only with ``--bigbench``; never meta-trained on);
+   ``--mix-builtin FAMILIES`` meta-trains on BIG-bench ``meta_train`` plus those built-in families
+   (then ``eval-rules`` measures new rules of the built-in ones);
 6. ``report``: one markdown row per evaluation and method (accuracy after the adapter's trained
    number of inner steps, paired differences against the baselines with 95% CIs), appended to
    ``OUT/study.md`` and printed.
@@ -85,6 +87,32 @@ def _train_families(meta_run: Path) -> tuple[list[str], int, int, int]:
     return families, per_family, int(config["builtin_examples_per_task"]), int(config["seed"])
 
 
+def mixed_splits(out: Path, bigbench: str, families: list[str]) -> dict[str, str]:
+    """Meta-train keys that mix built-in families into BIG-bench's ``meta_train`` split.
+
+    Writes ``OUT/splits-mixed.json``: bigbench-lite's ``splits.json`` with the built-in families
+    added to ``meta_train`` (``dev`` unchanged, so it stays unseen).
+
+    Returns:
+        The ``tasks``, ``splits``, ``train_split`` and ``val_split`` keys of the mixed meta-train.
+
+    Raises:
+        SystemExit: an unknown built-in family.
+    """
+    from deltameta.tasks.builtin import FAMILIES
+
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"--mix-builtin: unknown built-in families {', '.join(unknown)}; valid: {', '.join(FAMILIES)}.")
+    splits = json.loads((Path(bigbench) / "splits.json").read_text(encoding="utf-8"))
+    splits["meta_train"] = list(splits["meta_train"]) + list(families)
+    splits["description"] = f"bigbench-lite splits.json with the built-in families {', '.join(families)} in meta_train"
+    path = out / "splits-mixed.json"
+    path.write_text(json.dumps(splits, indent=1), encoding="utf-8")
+    return {"tasks": f"builtin:{','.join(families)}+{bigbench}", "splits": str(path), "train_split": "meta_train",
+            "val_split": ""}
+
+
 def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool,
                 heldout_families: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """The evaluate overrides of each evaluation stage (only those that apply).
@@ -132,6 +160,8 @@ def _trained_step(results: dict[str, Any]) -> str:
 
 def _report_rows(name: str, stage: str, results: dict[str, Any]) -> list[str]:
     """Markdown rows: accuracy of each method at the trained step and the last step, paired differences."""
+    from deltameta.evaluate.report import _pct  # "mean ± ci" in points, no CI with one task
+
     summary = results["summary"]
     trained, last = _trained_step(results), str(max(results["steps"]))
     rows = []
@@ -144,10 +174,9 @@ def _report_rows(name: str, stage: str, results: dict[str, Any]) -> list[str]:
             for pair, stats in summary["comparisons"].items():
                 if pair.startswith(method + " - ") and step in stats:
                     d = stats[step]
-                    diffs.append(f"{pair.split(' - ', 1)[1]} {100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}"
-                                 + ("*" if d.get("excludes_zero") else ""))
+                    diffs.append(f"{pair.split(' - ', 1)[1]} {_pct(d, signed=True)}" + ("*" if d.get("excludes_zero") else ""))
             norm_cell = f"{100 * norm['mean']:.1f}" if norm else "n/a"
-            rows.append(f"| {name} | {stage} | {method} | {step} | {100 * acc['mean']:.1f} ± {100 * acc['ci95']:.1f} | "
+            rows.append(f"| {name} | {stage} | {method} | {step} | {_pct(acc)} | "
                         f"{norm_cell} | {acc['n']} | {'; '.join(diffs)} |")
     return rows
 
@@ -166,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-families", default="",
                         help="comma-separated built-in families for eval-families, none of them meta-trained on "
                              "(default: the validation split of all built-in families)")
+    parser.add_argument("--mix-builtin", default="",
+                        help="comma-separated built-in families to meta-train on beside BIG-bench meta_train "
+                             "(needs --bigbench; dev stays unseen)")
     parser.add_argument("overrides", nargs="*", help="key=value meta-train overrides (after --)")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -182,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         keys.update(SMOKE_KEYS)
     if args.model:
         keys["model"] = args.model
+    if args.mix_builtin:
+        if not args.bigbench:
+            parser.error("--mix-builtin needs --bigbench (the BIG-bench meta_train tasks it mixes with)")
+        keys.update(mixed_splits(out, args.bigbench, [f for f in args.mix_builtin.split(",") if f]))
     keys.update(_override_dict(args.overrides))
     timings = {}
     for run, algorithm in (("meta", None), ("multitask", "multitask")):

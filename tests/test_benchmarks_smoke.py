@@ -27,7 +27,9 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     "inner_loop_fidelity.py": (["--model", "tiny-random-llama", "--max-tasks", "1", "--episodes", "1"], "meta-dynamic"),
     "metasgd_rate_grad.py": (["--model", "tiny-random-llama", "--quantization", "none", "--inner-steps", "1", "2",
                               "--steps", "1"], "| 2 |"),
-    "study.py": (["--name", "smoke", "--smoke", "--out", "{tmp}"], "| smoke | eval-rules | meta |"),
+    # built-in kv_lookup mixed into the fixture BIG-bench meta_train: every evaluation stage runs
+    "study.py": (["--name", "smoke", "--smoke", "--out", "{tmp}", "--bigbench", "tests/fixtures/tasks/bigbench",
+                  "--mix-builtin", "kv_lookup"], "| smoke | eval-dev | meta |"),
     "tarp_fold.py": (["--model", "tiny-random-llama", "--val-episodes", "2"], "| least squares |"),
     "meta_step.py": (["--model", "tiny-random-llama", "--quantization", "none", "--device", "cpu", "--steps", "1",
                       "--warmup", "0", "--meta-batch-size", "2", "--inner-steps", "1", "--shots", "1", "--query-size", "1",

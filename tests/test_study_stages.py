@@ -79,3 +79,16 @@ def test_an_explicit_eval_dev_without_bigbench_fails_before_any_training(study, 
         study.main(["--name", "x", "--out", str(tmp_path), "--stages", "meta,eval-dev"])
     assert error.value.code == 2 and "eval-dev needs --bigbench" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_mix_builtin_adds_the_families_to_meta_train_and_keeps_dev(study, tmp_path):
+    bigbench = REPO / "tests" / "fixtures" / "tasks" / "bigbench"
+    keys = study.mixed_splits(tmp_path, str(bigbench), ["kv_lookup"])
+    assert keys["tasks"] == f"builtin:kv_lookup+{bigbench}" and keys["train_split"] == "meta_train"
+    from deltameta.tasks import load_tasks
+
+    splits = load_tasks(keys["tasks"], splits=keys["splits"], builtin_tasks_per_family=2, builtin_examples_per_task=8)
+    assert splits["meta_train"].families == ["color", "kv_lookup", "math"]
+    assert splits["dev"].names == ["animal_sound"]
+    with pytest.raises(SystemExit, match="unknown built-in families nope"):
+        study.mixed_splits(tmp_path, str(bigbench), ["nope"])
