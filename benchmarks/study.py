@@ -1,7 +1,8 @@
 """The compute-matched study: does a meta-learned adapter adapt better than its multitask twin?
 
-Run (one configuration; every stage is skipped when its output already exists, so a study can be
-run in pieces across working sessions and resumed):
+Run (one configuration; every stage is skipped when its output already exists, and a stopped
+meta-training continues from its newest checkpoint, so a study can be run in pieces across working
+sessions and resumed):
 
     python benchmarks/study.py --name fomaml-lora [--bigbench ../shared/data/bigbench-lite] \
         [--out runs/study] [--stages meta,multitask,eval-rules,eval-families,eval-dev,report] \
@@ -51,10 +52,10 @@ SMOKE_EVAL = {"model": "tiny-random-llama", "quantization": "none", "episodes": 
               "max_length": 64, "max_tasks": 2, "plots": "false", "progress": "false"}
 
 
-def _deltameta(args: list[str], log: Path) -> float:
-    """Run ``python -m deltameta ARGS`` with its output in ``log``; return the wall seconds."""
+def _deltameta(args: list[str], log: Path, append: bool = False) -> float:
+    """Run ``python -m deltameta ARGS`` with its output in ``log`` (appended to it when ``append``); return the wall seconds."""
     started = time.perf_counter()
-    with log.open("w", encoding="utf-8") as out:
+    with log.open("a" if append else "w", encoding="utf-8") as out:
         proc = subprocess.run([sys.executable, "-m", "deltameta", *args], stdout=out, stderr=subprocess.STDOUT,
                               env=dict(os.environ), check=False)
     if proc.returncode != 0:
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     for run, algorithm in (("meta", None), ("multitask", "multitask")):
         if run in stages and not (out / run / "final").exists():
+            if any((out / run / "checkpoints").glob("step-*")):  # a stopped run: continue it, lose nothing
+                timings[run] = _deltameta(["meta-train", "--resume", str(out / run)], out / f"{run}.log", append=True)
+                continue
             run_keys = dict(keys, output_dir=str(out / run))
             if algorithm:
                 run_keys["algorithm"] = algorithm

@@ -92,3 +92,12 @@ def test_mix_builtin_adds_the_families_to_meta_train_and_keeps_dev(study, tmp_pa
     assert splits["dev"].names == ["animal_sound"]
     with pytest.raises(SystemExit, match="unknown built-in families nope"):
         study.mixed_splits(tmp_path, str(bigbench), ["nope"])
+
+
+def test_a_stopped_meta_train_is_resumed_not_overwritten(study, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "_deltameta", lambda args, log, append=False: calls.append((args, append)) or 1.0)
+    (tmp_path / "c" / "meta" / "checkpoints" / "step-000020").mkdir(parents=True)
+    assert study.main(["--name", "c", "--out", str(tmp_path), "--stages", "meta,multitask"]) == 0
+    assert calls[0] == (["meta-train", "--resume", str(tmp_path / "c" / "meta")], True)
+    assert calls[1][0][:2] == ["meta-train", "--overwrite"] and "algorithm=multitask" in calls[1][0]
