@@ -183,6 +183,14 @@ def test_merging_evaluations_of_different_methods(tmp_path):
             assert merged["tasks"][task]["methods"][method]["accuracy"] == entry["methods"][method]["accuracy"], method
     assert merged["summary"]["methods"] == single["summary"]["methods"]
 
+    # on the command line, key=value words may follow the dirs of --merge
+    from deltameta.cli import main
+
+    assert main(["evaluate", "--merge", str(tmp_path / "a" / "eval"), str(tmp_path / "b" / "eval"),
+                 f"output_dir={tmp_path / 'merged-cli'}"]) == 0
+    assert json.loads((tmp_path / "merged-cli" / "results.json").read_text())["summary"] == merged["summary"]
+    assert main(["evaluate", "--merge", f"output_dir={tmp_path / 'm0'}"]) == 2
+
     # parts on other episodes, or repeating a method, are refused
     other = run_evaluate(_config(tmp_path / "c", methods=["icl"], seed=7, plots=False))
     with pytest.raises(ConfigError, match="used episodes"):

@@ -51,3 +51,26 @@ def test_smollm2_adapter_loads_with_plain_peft_and_deltameta(adapter):
     with torch.no_grad():
         dynamic_logits = dynamic(**batch).logits
     assert torch.isfinite(dynamic_logits).all()
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda p: p.name)
+def test_learned_rates_cover_every_lora_tensor(adapter):
+    """A Meta-SGD adapter is only itself with its learned rates: each PEFT LoRA tensor must get one."""
+    from safetensors.torch import load_file
+
+    from deltameta.deltas.inner_loop import load_rates, peft_rate_name, read_export_record
+
+    record = read_export_record(adapter)
+    if record is None or not record["inner_loop"].get("learned_rates"):
+        pytest.skip(f"{adapter.name} has no learned inner rates")
+    rates = load_rates(adapter / record["files"]["inner_lrs"])
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    covered = set()
+    for name, rate in rates.items():
+        layer, role = peft_rate_name(name, "default")
+        key = f"base_model.model.{layer}.{role}.weight"
+        assert key in weights, f"rate {name} matches no tensor of adapter_model.safetensors"
+        assert torch.broadcast_shapes(rate.shape, weights[key].shape) == weights[key].shape
+        assert bool((rate > 0).all()), f"rate {name} is not positive"
+        covered.add(key)
+    assert covered == set(weights), f"LoRA tensors without a learned rate: {sorted(set(weights) - covered)[:3]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from deltameta.evaluate import EvaluateConfig, run_evaluate
     from deltameta.evaluate.report import _pct
 
+    if args.merge:  # `--merge A B output_dir=X`: argparse hands the key=value words to --merge
+        words = list(args.merge)
+        args.merge = [w for w in words if "=" not in w or Path(w).exists()]
+        args.overrides = [*args.overrides, *(w for w in words if w not in args.merge)]
+        if not args.merge:
+            from deltameta.errors import ConfigError
+
+            raise ConfigError("--merge needs the output dirs of finished evaluations, e.g. "
+                              "--merge runs/eval-a runs/eval-b output_dir=runs/eval-merged")
     config = build_config(EvaluateConfig, args.config, args.overrides)
     if args.merge:
         from deltameta.evaluate import merge_evaluations
