@@ -68,7 +68,7 @@ def test_evaluate_draws_across_families_and_records_short_tasks(tmp_path):
     assert "16 requested (10 where a task has fewer than shots + query_size examples)" in (tmp_path / "eval" / "results.md").read_text()
 
 
-def _results():
+def _results(families=("family0", "family1", "family2")):
     """Three tasks, two episodes; per-task means chosen so that the differences are easy by hand."""
     acc = {  # method -> per task, the accuracies of the two episodes (after 0 and 5 steps alike)
         "zero-shot": [[0.5, 0.5], [0.25, 0.25], [0.5, 0.5]],
@@ -85,7 +85,7 @@ def _results():
             methods[m] = {"accuracy": {str(s): acc[m][i] for s in steps},
                           "accuracy_norm": {str(s): norm[m][i] for s in steps},
                           "mean": {str(s): sum(acc[m][i]) / 2 for s in steps}}
-        tasks[f"family{i}__t"] = {"family": f"family{i}", "kind": "multiple_choice", "num_examples": 20,
+        tasks[f"{families[i]}__t{i}"] = {"family": families[i], "kind": "multiple_choice", "num_examples": 20,
                                   "query_size": 16, "episodes": [], "methods": methods}
     results = {"config": dict(dataclasses.asdict(EvaluateConfig()), model="tiny", quantization="none"), "steps": steps,
                "methods": {m: {"trains": m != "zero-shot"} for m in acc}, "tasks": tasks,
@@ -132,3 +132,20 @@ def test_paired_difference_table_by_hand():
     assert f"| meta - fresh-lora | +{100 * mean:.1f} ± {100 * t2 * std / math.sqrt(3):.1f} (incl. 0) |" in table
     assert "acc_norm 5 steps" in table and "Paired differences of length-normalised accuracy" in table
     assert "per task, the mean over its episodes" in table
+    assert "comparisons_by_family" not in summary and "family as the unit" not in table  # one task per family
+
+
+def test_paired_differences_with_the_family_as_unit():
+    """Two tasks of one family count once: per family the mean of its tasks' differences, t CI across families."""
+    results = _results(families=("fam0", "fam0", "fam1"))
+    by_family = results["summary"]["comparisons_by_family"]
+    assert set(by_family) == set(results["summary"]["comparisons"])
+    # meta - fresh-lora after 0 steps: task differences 0.125, 0.375 (fam0) and 0.5 (fam1) -> 0.25, 0.5
+    stats = by_family["meta - fresh-lora"]["0"]
+    std = math.sqrt(2 * 0.125 ** 2)
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(0.375) and stats["std"] == pytest.approx(std)
+    assert stats["ci95"] == pytest.approx(t_quantile(1) * std / math.sqrt(2)) and stats["excludes_zero"] is False
+    assert results["summary"]["comparisons"]["meta - fresh-lora"]["0"]["n"] == 3  # the task-level one is unchanged
+    table = markdown_table(results)
+    assert "mean ± 95% CI across the 2 families" in table
+    assert f"| meta - fresh-lora | +37.5 ± {100 * t_quantile(1) * std / math.sqrt(2):.1f} (incl. 0) |" in table

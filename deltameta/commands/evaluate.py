@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "static PEFT export) and meta-dynamic (with TARP's dynamic part), each after 0..K adaptation steps on "
             "the k-shot support set, scored on the query set. Writes results.json, results.md (mean accuracy "
             "with 95% CIs across tasks, and paired differences of every trained method against multitask, "
-            "fresh-lora and zero-shot with their 95% CIs) and plots/."
+            "fresh-lora and zero-shot with their 95% CIs, also with the family as the unit when a family holds several tasks) and plots/."
         ),
         examples=[
             "deltameta evaluate model=tiny-random-llama quantization=none episodes=2",

@@ -97,8 +97,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     Returns:
         ``methods`` (``{method: {step: stats}}``, raw accuracy), ``methods_norm`` (the same for
         length-normalised accuracy), ``comparisons`` and ``comparisons_norm``
-        (``{"meta - multitask": {step: stats}}``, each with ``excludes_zero``), and
-        ``convention`` (how the intervals are computed).
+        (``{"meta - multitask": {step: stats}}``, each with ``excludes_zero``),
+        ``comparisons_by_family`` (accuracy differences with the family as the unit; only when some
+        family holds several tasks), and ``convention`` (how the intervals are computed).
     """
     steps = [str(s) for s in results["steps"]]
     methods = list(results["methods"])
@@ -115,7 +116,29 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             }
             for a, b in comparison_pairs(methods)
         }
+    families = {task: entry.get("family") or task for task, entry in results["tasks"].items()}
+    if len(set(families.values())) < len(families):
+        summary["comparisons_by_family"] = _family_comparisons(results, families, steps)
     return summary
+
+
+def _family_comparisons(results: dict[str, Any], families: dict[str, str], steps: list[str]) -> dict[str, Any]:
+    """Paired accuracy differences with the family as the unit: tasks of one family are not independent.
+
+    Per family, the mean of its tasks' paired differences; then mean and Student-t 95% CI across
+    families (``n`` = families).
+    """
+    per_task = _task_means(results, "accuracy")
+    out: dict[str, Any] = {}
+    for a, b in comparison_pairs(list(results["methods"])):
+        out[f"{a} - {b}"] = {}
+        for s in steps:
+            by_family: dict[str, list[float]] = {}
+            for task, value in per_task[a][s].items():
+                if task in per_task[b][s]:
+                    by_family.setdefault(families[task], []).append(value - per_task[b][s][task])
+            out[f"{a} - {b}"][s] = _with_verdict(mean_ci([sum(v) / len(v) for v in by_family.values()]))
+    return out
 
 
 def _pct(stats: dict[str, Any], signed: bool = False) -> str:
@@ -189,6 +212,14 @@ def markdown_table(results: dict[str, Any]) -> str:
                       "**excl. 0** where the CI excludes 0):", "",
                   "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
         for name, stats in summary[key].items():
+            lines.append(f"| {name} | " + " | ".join(_diff(stats[s]) for s in steps) + " |")
+    if summary.get("comparisons_by_family"):
+        n_families = len({entry.get("family") for entry in results["tasks"].values()})
+        lines += ["", f"Paired differences of accuracy with the family as the unit (tasks of one family are not "
+                      f"independent): per family, the mean of its tasks' differences, then mean ± 95% CI across the "
+                      f"{n_families} families:", "",
+                  "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+        for name, stats in summary["comparisons_by_family"].items():
             lines.append(f"| {name} | " + " | ".join(_diff(stats[s]) for s in steps) + " |")
     budget = results["budget"]
     adaptation = budget["adaptation"]
