@@ -105,8 +105,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     methods = list(results["methods"])
     summary: dict[str, Any] = {"convention": "per task: mean over its episodes; then mean and Student-t 95% CI "
                                              "across tasks (differences paired per task)"}
+    per_task_by_key = {key: _task_means(results, key) for key in ("accuracy", "accuracy_norm")}
     for key, suffix in (("accuracy", ""), ("accuracy_norm", "_norm")):
-        per_task = _task_means(results, key)
+        per_task = per_task_by_key[key]
         summary["methods" + suffix] = {m: {s: mean_ci(list(per_task[m][s].values())) for s in steps} for m in methods}
         summary["comparisons" + suffix] = {
             f"{a} - {b}": {
@@ -118,17 +119,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         }
     families = {task: entry.get("family") or task for task, entry in results["tasks"].items()}
     if len(set(families.values())) < len(families):
-        summary["comparisons_by_family"] = _family_comparisons(results, families, steps)
+        summary["comparisons_by_family"] = _family_comparisons(results, per_task_by_key["accuracy"], families, steps)
     return summary
 
 
-def _family_comparisons(results: dict[str, Any], families: dict[str, str], steps: list[str]) -> dict[str, Any]:
+def _family_comparisons(results: dict[str, Any], per_task: dict[str, dict[str, dict[str, float]]],
+                        families: dict[str, str], steps: list[str]) -> dict[str, Any]:
     """Paired accuracy differences with the family as the unit: tasks of one family are not independent.
 
     Per family, the mean of its tasks' paired differences; then mean and Student-t 95% CI across
-    families (``n`` = families).
+    families (``n`` = families). ``per_task`` is :func:`_task_means` of ``accuracy``.
     """
-    per_task = _task_means(results, "accuracy")
     out: dict[str, Any] = {}
     for a, b in comparison_pairs(list(results["methods"])):
         out[f"{a} - {b}"] = {}
@@ -205,21 +206,21 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells.append(_pct(summary["methods"][method][s]))
             cells.append(_pct(norm[method][s]) if method in norm else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {'yes' if info['trains'] else 'no'} |")
-    for key, label in (("comparisons", "accuracy"), ("comparisons_norm", "length-normalised accuracy")):
+    n_families = len({entry.get("family") for entry in results["tasks"].values()})
+    for key, heading in (
+        ("comparisons", "Paired differences of accuracy (percentage points, same tasks and episodes; mean ± 95% CI; "
+                        "**excl. 0** where the CI excludes 0):"),
+        ("comparisons_norm", "Paired differences of length-normalised accuracy (percentage points, same tasks and "
+                             "episodes; mean ± 95% CI; **excl. 0** where the CI excludes 0):"),
+        ("comparisons_by_family", "Paired differences of accuracy with the family as the unit (tasks of one family "
+                                  "are not independent): per family, the mean of its tasks' differences, then mean ± "
+                                  f"95% CI across the {n_families} families:"),
+    ):
         if not summary.get(key):
             continue
-        lines += ["", f"Paired differences of {label} (percentage points, same tasks and episodes; mean ± 95% CI; "
-                      "**excl. 0** where the CI excludes 0):", "",
-                  "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+        lines += ["", heading, "", "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
         for name, stats in summary[key].items():
-            lines.append(f"| {name} | " + " | ".join(_diff(stats[s]) for s in steps) + " |")
-    if summary.get("comparisons_by_family"):
-        n_families = len({entry.get("family") for entry in results["tasks"].values()})
-        lines += ["", f"Paired differences of accuracy with the family as the unit (tasks of one family are not "
-                      f"independent): per family, the mean of its tasks' differences, then mean ± 95% CI across the "
-                      f"{n_families} families:", "",
-                  "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
-        for name, stats in summary["comparisons_by_family"].items():
             lines.append(f"| {name} | " + " | ".join(_diff(stats[s]) for s in steps) + " |")
     budget = results["budget"]
     adaptation = budget["adaptation"]
