@@ -149,3 +149,14 @@ def test_paired_differences_with_the_family_as_unit():
     table = markdown_table(results)
     assert "mean ± 95% CI across the 2 families" in table
     assert f"| meta - fresh-lora | +37.5 ± {100 * t_quantile(1) * std / math.sqrt(2):.1f} (incl. 0) |" in table
+
+
+def test_family_table_counts_a_task_without_family_as_its_own_unit():
+    """The heading's family count is the n of the family-level CIs, also when some tasks name no family."""
+    results = _results(families=("fam0", "fam0", "x"))
+    lone = results["tasks"].pop("x__t2")
+    for name in ("solo__t2", "solo__t3"):
+        results["tasks"][name] = dict(lone, family=None)
+    results["summary"] = summarize(results)
+    assert results["summary"]["comparisons_by_family"]["meta - fresh-lora"]["0"]["n"] == 3  # fam0, solo__t2, solo__t3
+    assert "mean ± 95% CI across the 3 families" in markdown_table(results)

@@ -206,7 +206,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells.append(_pct(summary["methods"][method][s]))
             cells.append(_pct(norm[method][s]) if method in norm else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {'yes' if info['trains'] else 'no'} |")
-    n_families = len({entry.get("family") for entry in results["tasks"].values()})
+    by_family = summary.get("comparisons_by_family") or {}
+    n_families = next((stats[s]["n"] for stats in by_family.values() for s in steps), 0)  # units summarize used
     for key, heading in (
         ("comparisons", "Paired differences of accuracy (percentage points, same tasks and episodes; mean ± 95% CI; "
                         "**excl. 0** where the CI excludes 0):"),
