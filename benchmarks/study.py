@@ -13,7 +13,8 @@ For one configuration (the ``key=value`` overrides after ``--`` go to both meta-
 
 1. ``meta``: ``deltameta meta-train`` with the study recipe and the overrides;
 2. ``multitask``: the same command with ``algorithm=multitask`` (same tasks, episodes, passes and
-   tokens: the compute-matched baseline);
+   tokens: the compute-matched baseline; ``first_order``, which says only how a meta-learner
+   differentiates its inner loop, is left out);
 3. ``eval-rules``: ``deltameta evaluate`` on *new tasks of the meta-training families* (hidden rules
    never seen: task indices ``--tasks-per-family`` .. 2x-1 of each meta-training family);
 4. ``eval-families``: on the held-out built-in families (the ``validation`` split, or the families
@@ -86,6 +87,21 @@ def _train_families(meta_run: Path) -> tuple[list[str], int, int, int]:
                         builtin_examples_per_task=config["builtin_examples_per_task"])
     families = sorted({t.family for t in splits[config["train_split"]] if t.family in FAMILIES})
     return families, per_family, int(config["builtin_examples_per_task"]), int(config["seed"])
+
+
+#: Meta-train keys that describe only how a meta-learner differentiates through its inner loop; the
+#: multitask twin has no inner loop to differentiate, and meta-train refuses ``first_order=false`` with it.
+META_ONLY_KEYS = ("first_order",)
+
+
+def twin_keys(keys: dict[str, Any]) -> dict[str, Any]:
+    """The multitask twin's meta-train keys: the meta-learner's, with ``algorithm=multitask``.
+
+    Everything that decides the data, passes and tokens is kept; only :data:`META_ONLY_KEYS` go.
+    """
+    twin = {k: v for k, v in keys.items() if k not in META_ONLY_KEYS}
+    twin["algorithm"] = "multitask"
+    return twin
 
 
 def mixed_splits(out: Path, bigbench: str, families: list[str]) -> dict[str, str]:
@@ -221,14 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         keys.update(mixed_splits(out, args.bigbench, [f for f in args.mix_builtin.split(",") if f]))
     keys.update(_override_dict(args.overrides))
     timings = {}
-    for run, algorithm in (("meta", None), ("multitask", "multitask")):
+    for run in ("meta", "multitask"):
         if run in stages and not (out / run / "final").exists():
             if any((out / run / "checkpoints").glob("step-*")):  # a stopped run: continue it, lose nothing
                 timings[run] = _deltameta(["meta-train", "--resume", str(out / run)], out / f"{run}.log", append=True)
                 continue
             run_keys = dict(keys, output_dir=str(out / run))
-            if algorithm:
-                run_keys["algorithm"] = algorithm
+            if run == "multitask":
+                run_keys = twin_keys(run_keys)
             timings[run] = _deltameta(["meta-train", "--overwrite", *_keys(run_keys)], out / f"{run}.log")
     wanted = [s for s in stages if s.startswith("eval-")]
     if wanted:

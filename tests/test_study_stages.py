@@ -101,3 +101,25 @@ def test_a_stopped_meta_train_is_resumed_not_overwritten(study, tmp_path, monkey
     assert study.main(["--name", "c", "--out", str(tmp_path), "--stages", "meta,multitask"]) == 0
     assert calls[0] == (["meta-train", "--resume", str(tmp_path / "c" / "meta")], True)
     assert calls[1][0][:2] == ["meta-train", "--overwrite"] and "algorithm=multitask" in calls[1][0]
+
+
+def test_the_twin_of_a_second_order_run_drops_only_first_order(study, tmp_path, monkeypatch):
+    """`algorithm=metasgd first_order=false`: the twin is the same command with algorithm=multitask and
+    without first_order (which meta-train refuses with multitask); every data/compute key is kept."""
+    calls = []
+    monkeypatch.setattr(study, "_deltameta", lambda args, log, append=False: calls.append(args) or 1.0)
+    assert study.main(["--name", "so", "--out", str(tmp_path), "--stages", "meta,multitask", "--",
+                       "algorithm=metasgd", "first_order=false", "inner_steps=2", "seed=3"]) == 0
+    meta, twin = calls
+    assert "first_order=false" in meta and "algorithm=metasgd" in meta
+    assert "algorithm=multitask" in twin and not any(a.startswith("first_order=") for a in twin)
+    assert {a for a in meta if not a.startswith(("algorithm=", "first_order=", "output_dir="))} == \
+        {a for a in twin if not a.startswith(("algorithm=", "output_dir="))}
+    from deltameta.config import build_config
+    from deltameta.errors import ConfigError
+    from deltameta.meta.config import MetaTrainConfig
+
+    twin_keys = twin[2:]  # after "meta-train --overwrite"
+    assert build_config(MetaTrainConfig, overrides=twin_keys).algorithm == "multitask"  # meta-train accepts it
+    with pytest.raises(ConfigError, match="first_order=false contradicts algorithm=multitask"):
+        build_config(MetaTrainConfig, overrides=twin_keys + ["first_order=false"])  # what the twin used to get
