@@ -10,7 +10,8 @@ import pytest
 
 from deltameta.config import build_config
 from deltameta.evaluate import EvaluateConfig, run_evaluate
-from deltameta.evaluate.report import comparison_pairs, markdown_table, summarize, t_quantile
+from deltameta.evaluate.report import (comparison_pairs, markdown_table, merge_results, preparation_parity, summarize,
+                                       t_quantile)
 from deltameta.evaluate.runner import spread_over_families
 from test_finetune_helpers import TINY
 
@@ -160,3 +161,26 @@ def test_family_table_counts_a_task_without_family_as_its_own_unit():
     results["summary"] = summarize(results)
     assert results["summary"]["comparisons_by_family"]["meta - fresh-lora"]["0"]["n"] == 3  # fam0, solo__t2, solo__t3
     assert "mean ± 95% CI across the 3 families" in markdown_table(results)
+
+
+def _part(methods: dict[str, int | None]) -> dict:
+    """A results.json of one task and episode whose methods had ``methods[m]`` preparation passes."""
+    return {"steps": [0], "methods": {m: {} for m in methods},
+            "tasks": {"t": {"episodes": [{"id": 0}], "methods": {m: {"accuracy": {"0": [0.5]}} for m in methods}}},
+            "budget": {"preparation": {m: {"forward_backward_passes": n, "tokens": 1} for m, n in methods.items()},
+                       "parity": preparation_parity({m: {"forward_backward_passes": n} for m, n in methods.items()})}}
+
+
+def test_merged_parity_is_that_of_the_merged_methods_not_of_the_last_part():
+    """A part without both adapters (e.g. fresh-lora alone) used to overwrite the first part's parity with None."""
+    both = _part({"multitask": 768, "meta": 768})
+    assert both["budget"]["parity"]["preparation"] is True
+    merged = merge_results([both, _part({"fresh-lora": 0})])
+    assert merged["budget"]["parity"]["preparation"] is True
+    split = merge_results([_part({"multitask": 768, "fresh-lora": 0}), _part({"meta": 700})])  # each adapter in a part
+    assert split["budget"]["parity"]["preparation"] is False and "meta used 700 and multitask 768" in \
+        split["budget"]["parity"]["note"]
+    unknown = merge_results([_part({"multitask": 768}), _part({"meta": None})])  # a published PEFT folder
+    assert unknown["budget"]["parity"] == {"adaptation": True, "preparation": None,
+                                           "note": "unknown for an adapter without run metadata"}
+    assert preparation_parity({"zero-shot": {}, "fresh-lora": {"forward_backward_passes": 0}})["preparation"] is None

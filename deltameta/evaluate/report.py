@@ -324,6 +324,31 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[Path]:
     return written
 
 
+def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Whether the multitask and meta adapters were prepared with the same forward/backward passes.
+
+    Args:
+        preparation: ``{method: {"forward_backward_passes": int | None, "tokens": ...}}`` of the
+            methods evaluated (the ``budget.preparation`` of ``results.json``).
+
+    Returns:
+        ``{"adaptation": True, "preparation": True | False | None}``, with a ``note`` when it is
+        False (the passes of each) or unknown although both adapters were evaluated (no run metadata).
+    """
+    parity: dict[str, Any] = {"adaptation": True, "preparation": None}
+    passes = {m: (preparation.get(m) or {}).get("forward_backward_passes") for m in ("multitask", "meta")
+              if m in preparation}
+    if len(passes) == 2:
+        if None in passes.values():
+            parity["note"] = "unknown for an adapter without run metadata"
+        else:
+            parity["preparation"] = passes["multitask"] == passes["meta"]
+            if not parity["preparation"]:
+                parity["note"] = (f"meta used {passes['meta']} and multitask {passes['multitask']} forward/backward "
+                                  "passes; the comparison is not compute-matched")
+    return parity
+
+
 def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merge evaluations of *different methods* on the same tasks and episodes into one.
 
@@ -368,9 +393,9 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in ("per_method_seconds", "per_episode_seconds"):
             timing.setdefault(key, {}).update(part.get("timing", {}).get(key, {}))
         budget = merged.setdefault("budget", {})
-        for key in ("preparation", "parity"):
-            if isinstance(budget.get(key), dict) and isinstance(part.get("budget", {}).get(key), dict):
-                budget[key].update(part["budget"][key])
+        if isinstance(budget.get("preparation"), dict) and isinstance(part.get("budget", {}).get("preparation"), dict):
+            budget["preparation"].update(part["budget"]["preparation"])
+            budget["parity"] = preparation_parity(budget["preparation"])  # of the merged methods, not the last part's
     merged["merged_from"] = len(parts)
     merged["summary"] = summarize(merged)
     return merged

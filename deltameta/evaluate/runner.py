@@ -37,7 +37,7 @@ from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.config import config_to_yaml
 from deltameta.errors import ConfigError, DataError
 from deltameta.evaluate.config import ADAPTER_OF, METHODS, TRAINING_METHODS, EvaluateConfig
-from deltameta.evaluate.report import markdown_table, summarize, write_plots
+from deltameta.evaluate.report import markdown_table, preparation_parity, summarize, write_plots
 from deltameta.finetune import common
 from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, recorded_inner_loop, resolve_adapter
 from deltameta.output_dir import prepare_output_dir, start_fresh
@@ -542,17 +542,9 @@ class Evaluator:
                 preparation[method] = {"forward_backward_passes": 0, "tokens": 0}
             elif method in ADAPTER_OF:
                 preparation[method] = dict(self.sources[ADAPTER_OF[method]].preparation)
-        passes = {m: p.get("forward_backward_passes") for m, p in preparation.items() if m in ("multitask", "meta")}
-        parity: dict[str, Any] = {"adaptation": True, "preparation": None}
-        if len(passes) == 2:
-            if None in passes.values():
-                parity["note"] = "unknown for an adapter without run metadata"
-            else:
-                parity["preparation"] = passes["multitask"] == passes["meta"]
-                if not parity["preparation"]:
-                    parity["note"] = (f"meta used {passes['meta']} and multitask {passes['multitask']} forward/backward "
-                                      "passes; the comparison is not compute-matched")
-                    self.warnings.append("preparation budgets differ: " + parity["note"])
+        parity = preparation_parity(preparation)
+        if parity["preparation"] is False:
+            self.warnings.append("preparation budgets differ: " + parity["note"])
         reference = next((self.inner_loops[m] for m in ("meta", "meta-dynamic", "multitask", "fresh-lora")
                           if m in self.inner_loops), None) or {**DEFAULT_INNER, "learned_rates": False}
         lr = "learned Meta-SGD rates" if reference.get("learned_rates") else reference["lr"]
