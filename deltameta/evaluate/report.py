@@ -395,7 +395,8 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         budget = merged.setdefault("budget", {})
         if isinstance(budget.get("preparation"), dict) and isinstance(part.get("budget", {}).get("preparation"), dict):
             budget["preparation"].update(part["budget"]["preparation"])
-            budget["parity"] = preparation_parity(budget["preparation"])  # of the merged methods, not the last part's
+    if isinstance(merged.get("budget", {}).get("preparation"), dict):
+        merged["budget"]["parity"] = preparation_parity(merged["budget"]["preparation"])  # of the merged methods
     merged["merged_from"] = len(parts)
     merged["summary"] = summarize(merged)
     return merged
