@@ -184,3 +184,45 @@ def test_merged_parity_is_that_of_the_merged_methods_not_of_the_last_part():
     assert unknown["budget"]["parity"] == {"adaptation": True, "preparation": None,
                                            "note": "unknown for an adapter without run metadata"}
     assert preparation_parity({"zero-shot": {}, "fresh-lora": {"forward_backward_passes": 0}})["preparation"] is None
+
+
+def test_merged_parity_false_warns_once_for_the_merge():
+    """Each part compared only its own adapters; the merge says that the budgets differ, once."""
+    from deltameta.evaluate.report import BUDGET_WARNING
+
+    meta = _part({"meta": 480})
+    meta["warnings"] = ["a warning of the meta part"]
+    merged = merge_results([_part({"multitask": 720, "fresh-lora": 0}), meta])
+    budget_warnings = [w for w in merged["warnings"] if w.startswith(BUDGET_WARNING)]
+    assert budget_warnings == [BUDGET_WARNING + "meta used 480 and multitask 720 forward/backward passes; "
+                                                "the comparison is not compute-matched"]
+    assert "a warning of the meta part" in merged["warnings"]
+    equal = _part({"meta": 720})
+    equal["warnings"] = [BUDGET_WARNING + "stale, from a part that had another multitask"]
+    merged = merge_results([_part({"multitask": 720}), equal])
+    assert not [w for w in merged["warnings"] if w.startswith(BUDGET_WARNING)]
+
+
+@pytest.mark.parametrize("algorithm,controller,passes,forwards", [
+    ("fomaml", "none", 3 * 4 * 3, 0),
+    ("multitask", "none", 3 * 4 * 3, 0),
+    ("reptile", "none", 3 * 4 * 2, 3 * 4),  # the query pass is a forward only: nothing is back-propagated
+    ("reptile", "global", 3 * 4 * 3, 0),  # the query loss trains the controller
+    ("reptile", None, 3 * 4 * 3, 0),  # no key: meta-train's default controller (global)
+])
+def test_preparation_counts_the_passes_each_algorithm_runs(tmp_path, algorithm, controller, passes, forwards):
+    import yaml
+
+    from deltameta.evaluate.report import _preparation_line
+    from deltameta.finetune.adapters import read_preparation
+
+    config = dict(algorithm=algorithm, outer_steps=3, meta_batch_size=4, inner_steps=2, shots=4, query_size=4)
+    if controller is not None:
+        config["controller"] = controller
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    prep = read_preparation(tmp_path, None)
+    assert (prep["forward_backward_passes"], prep["forward_passes"]) == (passes, forwards)
+    line = _preparation_line("meta", prep)
+    assert line.startswith(f"- preparation of meta: {passes} forward/backward passes")
+    assert (f"and {forwards} forward-only passes" in line) == bool(forwards)
+    assert line.endswith("x (2 + 1 forward-only) passes)" if forwards else "x (2 + 1) passes)")

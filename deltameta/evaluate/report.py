@@ -175,6 +175,22 @@ def _query_sizes(results: dict[str, Any]) -> str:
     return f"{requested} requested ({span} where a task has fewer than shots + query_size examples)"
 
 
+def _preparation_line(method: str, prep: dict[str, Any]) -> str:
+    """The budget line of one method: the passes (forward-only ones apart) that prepared its adapter."""
+    passes = prep.get("forward_backward_passes")
+    if method == "fresh-lora":
+        return "- preparation of fresh-lora: none (standard LoRA init)"
+    if passes is None:
+        return f"- preparation of {method}: unknown (adapter without run metadata)"
+    tokens = f", {prep['tokens']} tokens" if prep.get("tokens") else ""
+    forwards = prep.get("forward_passes") or 0
+    per_task = f"{prep.get('inner_steps')} + 1" + (" forward-only" if forwards else "")
+    return (f"- preparation of {method}: {passes} forward/backward passes"
+            + (f" and {forwards} forward-only passes" if forwards else "")
+            + f" ({prep.get('algorithm')}, {prep.get('outer_steps')} outer steps x "
+            f"{prep.get('meta_batch_size')} tasks x ({per_task}) passes{tokens})")
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Render the summary as markdown: accuracy (%) ± 95% CI across tasks, per method and step."""
     steps = [str(s) for s in results["steps"]]
@@ -237,17 +253,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         if inner.get("optimizer"):
             rate = "learned Meta-SGD rates" if inner.get("learned_rates") else f"lr {inner.get('lr')}"
             lines.append(f"  - {method}: {inner['optimizer']}, {rate}, clip {inner.get('clip')}")
-    for method, prep in budget["preparation"].items():
-        passes = prep.get("forward_backward_passes")
-        if method == "fresh-lora":
-            lines.append("- preparation of fresh-lora: none (standard LoRA init)")
-        elif passes is None:
-            lines.append(f"- preparation of {method}: unknown (adapter without run metadata)")
-        else:
-            tokens = f", {prep['tokens']} tokens" if prep.get("tokens") else ""
-            lines.append(f"- preparation of {method}: {passes} forward/backward passes ({prep.get('algorithm')}, "
-                         f"{prep.get('outer_steps')} outer steps x {prep.get('meta_batch_size')} tasks x "
-                         f"({prep.get('inner_steps')} + 1) passes{tokens})")
+    lines += [_preparation_line(method, prep) for method, prep in budget["preparation"].items()]
     parity = budget["parity"]
     lines.append(f"- preparation parity between trained adapters: {parity['preparation']}" +
                  (f" ({parity['note']})" if parity.get("note") else ""))
@@ -324,6 +330,10 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[Path]:
     return written
 
 
+#: Start of the warning an evaluation gives when its multitask and meta adapters had different budgets.
+BUDGET_WARNING = "preparation budgets differ: "
+
+
 def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Whether the multitask and meta adapters were prepared with the same forward/backward passes.
 
@@ -396,7 +406,13 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(budget.get("preparation"), dict) and isinstance(part.get("budget", {}).get("preparation"), dict):
             budget["preparation"].update(part["budget"]["preparation"])
     if isinstance(merged.get("budget", {}).get("preparation"), dict):
-        merged["budget"]["parity"] = preparation_parity(merged["budget"]["preparation"])  # of the merged methods
+        parity = preparation_parity(merged["budget"]["preparation"])  # of the merged methods
+        merged["budget"]["parity"] = parity
+        # the parts' own budget warnings compared only their own methods: say it once, for the merge
+        warnings = [w for w in merged.get("warnings", []) if not w.startswith(BUDGET_WARNING)]
+        if parity["preparation"] is False:
+            warnings.append(BUDGET_WARNING + parity["note"])
+        merged["warnings"] = warnings
     merged["merged_from"] = len(parts)
     merged["summary"] = summarize(merged)
     return merged

@@ -94,7 +94,9 @@ def read_preparation(run_dir: Path | None, meta_state: Path | None) -> dict[str,
 
     Every algorithm (the ``multitask`` baseline included) runs ``inner_steps + 1`` forward/backward
     passes per task (the support passes plus one query pass), ``meta_batch_size`` tasks per outer
-    step. Tokens are summed from the run's ``metrics.jsonl`` when present.
+    step, except ``reptile`` without a controller: its query pass is a forward only (the loss is
+    logged, nothing is back-propagated), counted in ``forward_passes``. Tokens are summed from the
+    run's ``metrics.jsonl`` when present.
 
     Args:
         run_dir: The run directory (``config.yaml``, ``metrics.jsonl``), or ``None``.
@@ -102,8 +104,8 @@ def read_preparation(run_dir: Path | None, meta_state: Path | None) -> dict[str,
 
     Returns:
         ``algorithm``, ``outer_steps``, ``meta_batch_size``, ``inner_steps``, ``shots``,
-        ``query_size``, ``forward_backward_passes``, ``tokens`` (any may be ``None`` when unknown)
-        and ``source``.
+        ``query_size``, ``forward_backward_passes``, ``forward_passes`` (forward-only passes),
+        ``tokens`` (any may be ``None`` when unknown) and ``source``.
     """
     config: dict[str, Any] = {}
     steps_done = None
@@ -120,10 +122,15 @@ def read_preparation(run_dir: Path | None, meta_state: Path | None) -> dict[str,
                             ("algorithm", "outer_steps", "meta_batch_size", "inner_steps", "shots", "query_size")}
     outer = steps_done if isinstance(steps_done, int) else info["outer_steps"]
     info["outer_steps"] = outer
-    passes = None
+    passes = forwards = None
     if all(isinstance(info[k], int) for k in ("outer_steps", "meta_batch_size", "inner_steps")):
-        passes = info["outer_steps"] * info["meta_batch_size"] * (info["inner_steps"] + 1)
+        tasks = info["outer_steps"] * info["meta_batch_size"]
+        # the meta-train default controller is "global": a config without the key back-propagates the query
+        query_forward_only = info["algorithm"] == "reptile" and config.get("controller", "global") == "none"
+        passes = tasks * (info["inner_steps"] + (0 if query_forward_only else 1))
+        forwards = tasks if query_forward_only else 0
     info["forward_backward_passes"] = passes
+    info["forward_passes"] = forwards
     tokens = None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         total = 0
