@@ -226,3 +226,16 @@ def test_preparation_counts_the_passes_each_algorithm_runs(tmp_path, algorithm, 
     assert line.startswith(f"- preparation of meta: {passes} forward/backward passes")
     assert (f"and {forwards} forward-only passes" in line) == bool(forwards)
     assert line.endswith("x (2 + 1 forward-only) passes)" if forwards else "x (2 + 1) passes)")
+
+
+def test_parity_reads_the_meta_adapter_from_meta_dynamic_when_meta_is_not_evaluated():
+    """A task-controller study evaluates only meta-dynamic (per-episode structure); its parity is still known."""
+    assert preparation_parity({"multitask": {"forward_backward_passes": 720},
+                               "meta-dynamic": {"forward_backward_passes": 720}})["preparation"] is True
+    differ = preparation_parity({"multitask": {"forward_backward_passes": 720},
+                                 "meta-dynamic": {"forward_backward_passes": 480}})
+    assert differ["preparation"] is False and "meta used 480 and multitask 720" in differ["note"]
+    both = preparation_parity({"multitask": {"forward_backward_passes": 720}, "meta": {"forward_backward_passes": 720},
+                               "meta-dynamic": {"forward_backward_passes": 720}})
+    assert both["preparation"] is True
+    assert preparation_parity({"meta-dynamic": {"forward_backward_passes": 720}})["preparation"] is None

@@ -337,6 +337,9 @@ BUDGET_WARNING = "preparation budgets differ: "
 def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Whether the multitask and meta adapters were prepared with the same forward/backward passes.
 
+    The meta-adapter is read from ``meta``, or from ``meta-dynamic`` (the same adapter in its own
+    parameters) when only that one was evaluated.
+
     Args:
         preparation: ``{method: {"forward_backward_passes": int | None, "tokens": ...}}`` of the
             methods evaluated (the ``budget.preparation`` of ``results.json``).
@@ -346,8 +349,9 @@ def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]
         False (the passes of each) or unknown although both adapters were evaluated (no run metadata).
     """
     parity: dict[str, Any] = {"adaptation": True, "preparation": None}
-    passes = {m: (preparation.get(m) or {}).get("forward_backward_passes") for m in ("multitask", "meta")
-              if m in preparation}
+    meta = "meta" if "meta" in preparation else "meta-dynamic"
+    passes = {m: (preparation.get(source) or {}).get("forward_backward_passes")
+              for m, source in (("multitask", "multitask"), ("meta", meta)) if source in preparation}
     if len(passes) == 2:
         if None in passes.values():
             parity["note"] = "unknown for an adapter without run metadata"
