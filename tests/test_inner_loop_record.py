@@ -138,6 +138,15 @@ def test_meta_dynamic_equals_the_meta_train_inner_loop(tmp_path, run, metasgd_ru
         assert math.isclose(result["query_loss"]["0"], before, rel_tol=1e-5)
         assert math.isclose(result["query_loss"]["2"], after, rel_tol=1e-5), (result["query_loss"], after)
         assert after != before
+    if controller is not None:  # results.json keeps each episode's structure, in the candidates' order
+        results = evaluator.run()
+        assert results["methods"]["meta-dynamic"]["delta_model"]["candidates"] == controller.candidates
+        for name, entry in results["tasks"].items():
+            structures = entry["methods"]["meta-dynamic"]["structures"]
+            assert len(structures) == len(entry["episodes"]) and all(len(s) == len(controller.candidates) for s in structures)
+            first = next(t for t in evaluator.tasks if t.name == name)
+            support = data.encode(tokenizer, first, evaluator.episodes_of(first)[0].support, 96)
+            assert structures[0] == controller.decide(task_embedding(model, support["input_ids"], support["attention_mask"]))
     if run.startswith("metasgd"):  # a fixed rate instead of the learned ones is flagged
         fixed = Evaluator(_eval_config(tmp_path, run_dir, methods=["meta-dynamic"], inner_lr=0.05, **tasks,
                                        output_dir=str(tmp_path / "fixed")), tmp_path / "fixed_out")

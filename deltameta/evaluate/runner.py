@@ -526,6 +526,8 @@ class Evaluator:
                                         "structure": ("per episode, from its support set"
                                                       if self.delta.controller is not None and self.delta.controller.mode == "task"
                                                       else "fixed")}
+                if self.delta.controller is not None:  # the order of each task's "structures" lists
+                    entry["delta_model"]["candidates"] = list(self.delta.controller.candidates)
             if method in self.inner_loops:
                 entry["inner_loop"] = self.inner_loops[method]
             if method == "fresh-lora":
@@ -608,6 +610,8 @@ class Evaluator:
                         for key in ("accuracy", "accuracy_norm", "support_loss", "query_loss"):
                             for s in c.steps:
                                 slot[key][str(s)].append(outcome.get(key, {}).get(str(s)))
+                        if "structure" in outcome:  # a controller's per-episode choice, in its candidates' order
+                            slot.setdefault("structures", []).append(list(outcome["structure"].values()))
                         seconds[method] += outcome["seconds"]
                         bar.update(1)
                 for method in self.methods:
