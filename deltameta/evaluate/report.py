@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from deltameta.evaluate.config import ADAPTER_OF
+
 #: Every trained method is compared with each of these (those present), then these extra pairs.
 BASELINES = ("multitask", "fresh-lora", "zero-shot")
 EXTRA_PAIRS = (("meta-dynamic", "meta"), ("meta", "icl"))
@@ -337,8 +339,8 @@ BUDGET_WARNING = "preparation budgets differ: "
 def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Whether the multitask and meta adapters were prepared with the same forward/backward passes.
 
-    The meta-adapter is read from ``meta``, or from ``meta-dynamic`` (the same adapter in its own
-    parameters) when only that one was evaluated.
+    Each adapter is read from the first method that evaluates it (``ADAPTER_OF``: ``meta`` and
+    ``meta-dynamic`` are the same meta-adapter).
 
     Args:
         preparation: ``{method: {"forward_backward_passes": int | None, "tokens": ...}}`` of the
@@ -349,9 +351,10 @@ def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]
         False (the passes of each) or unknown although both adapters were evaluated (no run metadata).
     """
     parity: dict[str, Any] = {"adaptation": True, "preparation": None}
-    meta = "meta" if "meta" in preparation else "meta-dynamic"
-    passes = {m: (preparation.get(source) or {}).get("forward_backward_passes")
-              for m, source in (("multitask", "multitask"), ("meta", meta)) if source in preparation}
+    passes: dict[str, Any] = {}
+    for method, prep in preparation.items():
+        if method in ADAPTER_OF:
+            passes.setdefault(ADAPTER_OF[method], (prep or {}).get("forward_backward_passes"))
     if len(passes) == 2:
         if None in passes.values():
             parity["note"] = "unknown for an adapter without run metadata"
