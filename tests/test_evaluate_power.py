@@ -203,6 +203,22 @@ def test_merged_parity_false_warns_once_for_the_merge():
     assert not [w for w in merged["warnings"] if w.startswith(BUDGET_WARNING)]
 
 
+@pytest.mark.parametrize("parity,expected", [
+    ({"preparation": False, "note": "meta used 1 and multitask 2"}, ["other", "BUDGET meta used 1 and multitask 2"]),
+    ({"preparation": True, "note": ""}, ["other"]),
+    ({"preparation": None, "note": "unknown"}, ["other"]),
+])
+def test_budget_warning_replaces_earlier_ones(parity, expected):
+    """The evaluation and the merge both keep at most one budget warning, the one their parity calls for."""
+    from deltameta.evaluate.report import BUDGET_WARNING, with_budget_warning
+
+    warnings = ["other", BUDGET_WARNING + "stale"]
+    got = with_budget_warning(warnings, parity)
+    assert got == [w.replace("BUDGET ", BUDGET_WARNING) for w in expected]
+    assert with_budget_warning(got, parity) == got  # idempotent
+    assert warnings == ["other", BUDGET_WARNING + "stale"]  # the input is not changed
+
+
 @pytest.mark.parametrize("algorithm,controller,passes,forwards", [
     ("fomaml", "none", 3 * 4 * 3, 0),
     ("multitask", "none", 3 * 4 * 3, 0),

@@ -336,6 +336,21 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[Path]:
 BUDGET_WARNING = "preparation budgets differ: "
 
 
+def with_budget_warning(warnings: list[str], parity: dict[str, Any]) -> list[str]:
+    """Replace any budget warning in ``warnings`` by the one ``parity`` calls for.
+
+    Args:
+        warnings: An evaluation's warnings.
+        parity: What :func:`preparation_parity` returned for the evaluated methods.
+
+    Returns:
+        ``warnings`` without earlier budget warnings, plus ``BUDGET_WARNING`` and the parity note
+        when the preparation budgets differ.
+    """
+    kept = [w for w in warnings if not w.startswith(BUDGET_WARNING)]
+    return kept + [BUDGET_WARNING + parity["note"]] if parity["preparation"] is False else kept
+
+
 def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Whether the multitask and meta adapters were prepared with the same forward/backward passes.
 
@@ -416,10 +431,7 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         parity = preparation_parity(merged["budget"]["preparation"])  # of the merged methods
         merged["budget"]["parity"] = parity
         # the parts' own budget warnings compared only their own methods: say it once, for the merge
-        warnings = [w for w in merged.get("warnings", []) if not w.startswith(BUDGET_WARNING)]
-        if parity["preparation"] is False:
-            warnings.append(BUDGET_WARNING + parity["note"])
-        merged["warnings"] = warnings
+        merged["warnings"] = with_budget_warning(merged.get("warnings", []), parity)
     merged["merged_from"] = len(parts)
     merged["summary"] = summarize(merged)
     return merged

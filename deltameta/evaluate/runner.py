@@ -37,7 +37,7 @@ from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.config import config_to_yaml
 from deltameta.errors import ConfigError, DataError
 from deltameta.evaluate.config import ADAPTER_OF, METHODS, TRAINING_METHODS, EvaluateConfig
-from deltameta.evaluate.report import BUDGET_WARNING, markdown_table, preparation_parity, summarize, write_plots
+from deltameta.evaluate.report import markdown_table, preparation_parity, summarize, with_budget_warning, write_plots
 from deltameta.finetune import common
 from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, recorded_inner_loop, resolve_adapter
 from deltameta.output_dir import prepare_output_dir, start_fresh
@@ -545,8 +545,7 @@ class Evaluator:
             elif method in ADAPTER_OF:
                 preparation[method] = dict(self.sources[ADAPTER_OF[method]].preparation)
         parity = preparation_parity(preparation)
-        if parity["preparation"] is False:
-            self.warnings.append(BUDGET_WARNING + parity["note"])
+        self.warnings = with_budget_warning(self.warnings, parity)
         reference = next((self.inner_loops[m] for m in ("meta", "meta-dynamic", "multitask", "fresh-lora")
                           if m in self.inner_loops), None) or {**DEFAULT_INNER, "learned_rates": False}
         lr = "learned Meta-SGD rates" if reference.get("learned_rates") else reference["lr"]

@@ -20,11 +20,15 @@ import yaml
 from deltameta.errors import ConfigError, MetaStateError, ModelLoadError
 from deltameta.hub import download_adapter, looks_like_hub_id
 from deltameta.integrity import check_safetensors
+from deltameta.meta.config import MetaTrainConfig
 
 logger = logging.getLogger(__name__)
 
 #: Files of the TARP sidecar written by :func:`deltameta.deltas.export_peft`.
 SIDECAR_FILES = ("deltameta_tarp.safetensors", "deltameta_tarp.json")
+
+#: The controller a meta-train ran when its recorded config has no ``controller`` key.
+_DEFAULT_CONTROLLER = {f.name: f.default for f in dataclasses.fields(MetaTrainConfig)}["controller"]
 
 
 @dataclasses.dataclass
@@ -125,8 +129,9 @@ def read_preparation(run_dir: Path | None, meta_state: Path | None) -> dict[str,
     passes = forwards = None
     if all(isinstance(info[k], int) for k in ("outer_steps", "meta_batch_size", "inner_steps")):
         tasks = info["outer_steps"] * info["meta_batch_size"]
-        # the meta-train default controller is "global": a config without the key back-propagates the query
-        query_forward_only = info["algorithm"] == "reptile" and config.get("controller", "global") == "none"
+        # a config without the key ran the meta-train default controller
+        controller = config.get("controller", _DEFAULT_CONTROLLER)
+        query_forward_only = info["algorithm"] == "reptile" and controller == "none"
         passes = tasks * (info["inner_steps"] + (0 if query_forward_only else 1))
         forwards = tasks if query_forward_only else 0
     info["forward_backward_passes"] = passes
