@@ -27,9 +27,6 @@ logger = logging.getLogger(__name__)
 #: Files of the TARP sidecar written by :func:`deltameta.deltas.export_peft`.
 SIDECAR_FILES = ("deltameta_tarp.safetensors", "deltameta_tarp.json")
 
-#: The controller a meta-train ran when its recorded config has no ``controller`` key.
-_DEFAULT_CONTROLLER = {f.name: f.default for f in dataclasses.fields(MetaTrainConfig)}["controller"]
-
 
 @dataclasses.dataclass
 class AdapterSource:
@@ -130,7 +127,7 @@ def read_preparation(run_dir: Path | None, meta_state: Path | None) -> dict[str,
     if all(isinstance(info[k], int) for k in ("outer_steps", "meta_batch_size", "inner_steps")):
         tasks = info["outer_steps"] * info["meta_batch_size"]
         # a config without the key ran the meta-train default controller
-        controller = config.get("controller", _DEFAULT_CONTROLLER)
+        controller = config.get("controller", MetaTrainConfig.controller)
         query_forward_only = info["algorithm"] == "reptile" and controller == "none"
         passes = tasks * (info["inner_steps"] + (0 if query_forward_only else 1))
         forwards = tasks if query_forward_only else 0
