@@ -61,6 +61,7 @@ def resolve_config(recipe: str | None, overrides: list[str], resume: str | None)
 def run(args: argparse.Namespace) -> int:
     """Run ``deltameta meta-train``."""
     from deltameta.meta.distributed import env_world
+    from deltameta.meta.stability import SPIKE_FACTOR
     from deltameta.meta.trainer import run_meta_train
 
     config = resolve_config(args.config, args.overrides, args.resume)
@@ -78,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
         lines.append(
             f"held-out query loss after adaptation: {a0:.3f} (fresh adapter) -> {a1:.3f} (meta-learned); "
             f"before adaptation: {b0:.3f} -> {b1:.3f}"
+        )
+    if result.grad_spikes:
+        lines.append(
+            f"warning: {result.grad_spikes} outer step(s) had a meta-gradient norm over "
+            f"{SPIKE_FACTOR:g}x the recent median (meta_grad_spike in {result.run_dir / 'metrics.jsonl'}); "
+            "meta-training may have been unstable"
         )
     if result.export_error:
         lines.append(f"PEFT export failed: {result.export_error} (the meta-state is in {result.run_dir / 'final'})")

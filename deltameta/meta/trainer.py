@@ -5,7 +5,8 @@
 1. load the frozen base, inject the deltas (seeded), build the controller and the algorithm;
 2. per outer step: sample a meta-batch of episodes, accumulate each task's meta-gradient
    (looped, or task-batched), add the controller's budget/entropy regularisers, skip the step
-   if anything is non-finite (stopping after ``max_nonfinite`` in a row), clip, and step AdamW
+   if anything is non-finite (stopping after ``max_nonfinite`` in a row), flag a meta-gradient norm
+   far above the recent ones (:mod:`deltameta.meta.stability`), clip, and step AdamW
    (warmup + cosine, :mod:`deltameta.schedule`) for the deltas and Adam for the controller (own lr, temperature schedule);
 3. periodically validate on held-out tasks (query loss before/after adaptation), keep the best
    meta-state, checkpoint atomically (last N);
@@ -41,6 +42,7 @@ from deltameta.meta import distributed as D
 from deltameta.meta.algorithms import InnerLoop, MetaAlgorithm, TaskResult, _mean_results, evaluate_task, make_algorithm
 from deltameta.meta.config import MetaTrainConfig
 from deltameta.meta.run_dir import MetricsLog, read_status, write_config, write_plots, write_status
+from deltameta.meta.stability import GradSpikeMonitor
 from deltameta.schedule import make_scheduler
 from deltameta.tasks.seeding import derive_seed
 
@@ -65,6 +67,8 @@ class TrainResult:
         seconds: Wall-clock time of the training loop.
         export_error: Why the PEFT export failed, or ``None``.
         already_finished: A resumed run had already finished; nothing was changed.
+        grad_spikes: Outer steps whose meta-gradient norm was a spike (see
+            :mod:`deltameta.meta.stability`): many of them mean training was unstable.
     """
 
     run_dir: Path
@@ -76,6 +80,7 @@ class TrainResult:
     seconds: float
     export_error: str | None = None
     already_finished: bool = False
+    grad_spikes: int = 0
 
 
 def _memory_mb() -> float:
@@ -127,6 +132,7 @@ class MetaTrainer:
         self.initial_validation: tuple[float, float] | None = None
         self.last_validation: tuple[float, float] | None = None
         self.rolled_back = 0
+        self.grad_monitor = GradSpikeMonitor()
         self._setup()
 
     @property
@@ -308,7 +314,8 @@ class MetaTrainer:
         rolled_back = False
         if finite:
             if c.meta_clip > 0:
-                row["meta_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
+                row["meta_grad_norm"] = norm = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
+                self._check_spike(row, norm)
             saved = self._snapshot(params)
             self.optimizer.step()
             self.algorithm.after_outer_step()
@@ -361,6 +368,18 @@ class MetaTrainer:
                 "or check the data."
             )
         return row
+
+    def _check_spike(self, row: dict[str, Any], norm: float) -> None:
+        """Flag a meta-gradient norm far above the recent ones (finite, so clipping lets it through)."""
+        ratio = self.grad_monitor.update(norm)
+        row["meta_grad_spike"] = ratio is not None
+        if ratio is not None and self.dist.is_main:
+            logger.warning(
+                "step %d: meta-gradient norm %.4g is %.0fx the median of the recent steps (clipped to "
+                "meta_clip=%g); %d such spike(s) so far. Many spikes mean meta-training is unstable: a lower "
+                "outer_lr or inner_lr, or a first-order meta-gradient (algorithm=fomaml; metasgd with "
+                "first_order=true), may help.",
+                self.step + 1, norm, ratio, self.config.meta_clip, self.grad_monitor.spikes)
 
     def _snapshot(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any], dict[str, Any] | None]:
         """Copy the meta-parameters and optimizer states before a step (for :meth:`_restore`)."""
@@ -415,6 +434,7 @@ class MetaTrainer:
             "rng": ckpt.rng_state(),
             "counters": {"skipped": self.skipped, "nonfinite_run": self.nonfinite_run, "best": self.best,
                          "tokens_total": self.tokens_total, "rolled_back": self.rolled_back,
+                         "grad_monitor": self.grad_monitor.state_dict(),
                          "initial_validation": list(self.initial_validation) if self.initial_validation else None,
                          "last_validation": list(self.last_validation) if self.last_validation else None},
         }
@@ -442,6 +462,7 @@ class MetaTrainer:
         self.best = best if best is not None and math.isfinite(best) else None
         self.tokens_total = int(counters["tokens_total"])
         self.rolled_back = int(counters.get("rolled_back", 0))
+        self.grad_monitor.load_state_dict(counters.get("grad_monitor"))
         initial = counters.get("initial_validation")
         self.initial_validation = tuple(initial) if initial else None
         last = counters.get("last_validation")
@@ -600,7 +621,7 @@ class MetaTrainer:
         export_error = self.dist.run_on_main(self._finish)  # the other ranks wait for the outputs
         self.metrics.close()
         return TrainResult(self.run_dir, self.step, self.skipped, self.initial_validation, self.last_validation,
-                           self.best, seconds, export_error)
+                           self.best, seconds, export_error, grad_spikes=self.grad_monitor.spikes)
 
     def _check_trained(self, total: int) -> None:
         """Refuse to write a final state when no step succeeded or the parameters are not finite."""
@@ -647,6 +668,7 @@ class MetaTrainer:
                 self.controller.decision_heatmap(self.run_dir / "plots" / "controller_decisions.png", decisions, probs)
                 atomic_write_text(self.run_dir / "controller_decisions.txt", self.controller.decision_table(decisions, probs))
         write_status(self.run_dir, "finished", step=self.step, skipped=self.skipped, rolled_back=self.rolled_back,
+                     grad_spikes=self.grad_monitor.spikes,
                      initial_validation=self.initial_validation, final_validation=self.last_validation,
                      best_validation=self.best, export_error=export_error)
         return export_error
@@ -687,7 +709,8 @@ def finished_result(run_dir: Path, config: MetaTrainConfig) -> TrainResult | Non
     pair = lambda value: tuple(value) if value else None  # noqa: E731
     return TrainResult(run_dir, done, int(status.get("skipped") or 0), pair(status.get("initial_validation")),
                        pair(status.get("final_validation")), status.get("best_validation"), 0.0,
-                       status.get("export_error"), already_finished=True)
+                       status.get("export_error"), already_finished=True,
+                       grad_spikes=int(status.get("grad_spikes") or 0))
 
 
 def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: bool = False,
