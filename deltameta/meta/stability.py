@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import statistics
-from collections.abc import Iterable
 from typing import Any
 
 SPIKE_FACTOR = 10.0
@@ -65,7 +64,7 @@ class GradSpikeMonitor:
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restore :meth:`state_dict` output (``None``: a checkpoint written before spikes were tracked)."""
-        recent: Iterable[float] = (state or {}).get("recent") or ()
+        state = state or {}
         self.recent.clear()
-        self.recent.extend(float(x) for x in recent)
-        self.spikes = int((state or {}).get("spikes") or 0)
+        self.recent.extend(float(x) for x in state.get("recent") or ())
+        self.spikes = int(state.get("spikes") or 0)
