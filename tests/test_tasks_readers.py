@@ -11,7 +11,7 @@ import pytest
 from deltameta.errors import ConfigError, DataError
 from deltameta.tasks import Example, PromptTemplate, TaskCollection, load_tasks
 from deltameta.tasks.bigbench import read_bigbench_file
-from deltameta.tasks.builtin import FAMILIES, generate_family
+from deltameta.tasks.builtin import DEFAULT_FAMILIES, FAMILIES, generate_family
 from deltameta.tasks.jsonl import read_jsonl
 from deltameta.tasks.loader import data_options, source_parts
 
@@ -190,7 +190,7 @@ def test_builtin_is_seeded_and_distinct():
 
 
 def test_builtin_families_are_short_and_meaningful():
-    collection = load_tasks("builtin", builtin_tasks_per_family=3, builtin_examples_per_task=24)
+    collection = load_tasks("builtin:" + ",".join(FAMILIES), builtin_tasks_per_family=3, builtin_examples_per_task=24)
     assert collection.families == sorted(FAMILIES)
     kinds = {t.family: t.is_multiple_choice for t in collection}
     assert any(kinds.values()) and not all(kinds.values())
@@ -198,6 +198,56 @@ def test_builtin_families_are_short_and_meaningful():
         assert task.source == "builtin" and len(task) == 24
         assert len({e.input for e in task.examples}) == len(task)  # no repeated inputs
         assert all(len(e.input) < 60 and len(e.target) < 40 for e in task.examples)
+
+
+def test_plain_builtin_reads_the_default_families_only():
+    """``builtin`` alone keeps meaning the first eight families, so earlier runs reproduce."""
+    collection = load_tasks("builtin", builtin_tasks_per_family=2, builtin_examples_per_task=8)
+    assert collection.families == sorted(DEFAULT_FAMILIES)
+    assert set(DEFAULT_FAMILIES) < set(FAMILIES)
+    assert load_tasks("builtin:word_property", builtin_tasks_per_family=2).families == ["word_property"]
+
+
+def _position_rule(task):
+    """The index of the answer among the options: one position for every example of a task."""
+    return {e.options.index(e.target) for e in task.examples} == {e.options.index(e.target) for e in task.examples[:1]}
+
+
+def _compare_rule(task):
+    numbers = [[int(o) for o in e.options] for e in task.examples]
+    answers = [int(e.target) for e in task.examples]
+    words = task.description.split()
+    if "closest" in words or "farthest" in words:
+        center, pick = int(words[-1]), (min if "closest" in words else max)
+        return all(a == pick(xs, key=lambda x: abs(x - center)) for xs, a in zip(numbers, answers))
+    pick = {"largest": max, "smallest": min, "middle": lambda xs: sorted(xs)[1]}[words[1]]
+    return all(a == pick(xs) for xs, a in zip(numbers, answers))
+
+
+def _property_rule(task):
+    """Two fixed label words, both used; the label is a function of the word."""
+    labels = {tuple(e.options) for e in task.examples}
+    by_word = {}
+    for e in task.examples:
+        by_word.setdefault(e.input, set()).add(e.target)
+    return len(labels) == 1 and {e.target for e in task.examples} == set(next(iter(labels))) and all(
+        len(v) == 1 for v in by_word.values())
+
+
+@pytest.mark.parametrize("family, rule, options", [
+    ("position_pick", _position_rule, range(3, 7)),
+    ("number_compare", _compare_rule, {3}),
+    ("word_property", _property_rule, {2}),
+])
+def test_later_families_follow_their_hidden_rule(family, rule, options):
+    tasks = generate_family(family, 12, 32, seed=5)
+    assert len({t.description for t in tasks}) == 12  # distinct hidden rules
+    for task in tasks:
+        assert task.is_multiple_choice and len(task) == 32
+        for example in task.examples:
+            assert example.target in example.options and len(set(example.options)) == len(example.options)
+            assert len(example.options) in options and len(example.input) < 60
+        assert rule(task), task.description
 
 
 def test_builtin_family_subset_and_unknown_family():

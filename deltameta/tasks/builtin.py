@@ -17,6 +17,14 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
 * ``word_map``: every word replaced through a hidden code book.
 * ``base_arith``: ``a # b`` where ``#`` hides +, - or * and the numbers are in a hidden base.
 * ``linear``: ``x`` -> ``a*x + b`` with hidden a, b.
+* ``position_pick`` (MC): 3-6 numbers or words; the answer is the item at a hidden position.
+* ``number_compare`` (MC): three numbers; the answer is the largest, smallest, middle one, or the
+  one closest to / farthest from a hidden number.
+* ``word_property`` (MC): a word labelled by a hidden property (length, a letter, ...) with two
+  random words.
+
+``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last three are read
+only when named (``builtin:position_pick,...``), so results made before they existed reproduce.
 """
 
 from __future__ import annotations
@@ -212,6 +220,70 @@ def _linear(rng: random.Random):
     return (a, b), f"y = {a}*x {'+' if b >= 0 else '-'} {abs(b)}", make
 
 
+def _position_pick(rng: random.Random):
+    kind, length = rng.choice(("number", "word")), rng.randint(3, 6)
+    position = rng.randrange(length)
+
+    def make(r: random.Random) -> Example:
+        items = [str(v) for v in r.sample(range(10, 100), length)] if kind == "number" else r.sample(WORDS, length)
+        return Example(input=" ".join(items), target=items[position], options=list(items))
+
+    return (kind, length, position), f"item {position + 1} of {length} {kind}s", make
+
+
+_COMPARISONS: dict[str, Callable[[list[int], int], int]] = {
+    "largest": lambda xs, c: max(xs),
+    "smallest": lambda xs, c: min(xs),
+    "middle": lambda xs, c: sorted(xs)[1],
+    "closest": lambda xs, c: min(xs, key=lambda x: abs(x - c)),
+    "farthest": lambda xs, c: max(xs, key=lambda x: abs(x - c)),
+}
+
+
+def _number_compare(rng: random.Random):
+    name = rng.choice(sorted(_COMPARISONS))
+    center = rng.randint(10, 99) if name in ("closest", "farthest") else None
+    pick = _COMPARISONS[name]
+
+    def make(r: random.Random) -> Example:
+        for _ in range(200):  # redraw ties (two numbers equally close to or far from the hidden number)
+            numbers = r.sample(range(10, 100), 3)
+            if center is None or len({abs(x - center) for x in numbers}) == 3:
+                break
+        options = [str(x) for x in numbers]
+        return Example(input=" ".join(options), target=str(pick(numbers, center)), options=options)
+
+    text = f"the {name} number" if center is None else f"the number {name} {'to' if name == 'closest' else 'from'} {center}"
+    return (name, center), text, make
+
+
+#: Words of 2-7 letters for word_property: the category words and the short words.
+PROPERTY_WORDS = tuple(sorted({w for words in CATEGORIES.values() for w in words} | set(WORDS)))
+_WORD_PROPERTIES = {
+    "longer": (lambda r: r.randint(3, 5), lambda w, p: len(w) > p, "has more than {} letters"),
+    "contains": (lambda r: r.choice("aeilnorst"), lambda w, p: p in w, "contains '{}'"),
+    "starts_before": (lambda r: r.choice("dfhmps"), lambda w, p: w[0] < p, "starts before '{}' in the alphabet"),
+    "ends_vowel": (lambda r: None, lambda w, p: w[-1] in "aeiou", "ends with a vowel"),
+}
+
+
+def _word_property(rng: random.Random):
+    name = rng.choice(sorted(_WORD_PROPERTIES))
+    draw, test, text = _WORD_PROPERTIES[name]
+    parameter = draw(rng)
+    yes, no = rng.sample(LABELS, 2)
+
+    def make(r: random.Random) -> Example:
+        want = r.random() < 0.5  # both labels equally often, as in number_property
+        for _ in range(200):
+            word = r.choice(PROPERTY_WORDS)
+            if bool(test(word, parameter)) == want:
+                break
+        return Example(input=word, target=yes if test(word, parameter) else no, options=[yes, no])
+
+    return (name, parameter, yes, no), f"'{yes}' if the word {text.format(parameter)}, else '{no}'", make
+
+
 #: family name -> rule generator.
 FAMILIES = {
     "word_category": _word_category,
@@ -222,7 +294,14 @@ FAMILIES = {
     "word_map": _word_map,
     "base_arith": _base_arith,
     "linear": _linear,
+    "position_pick": _position_pick,
+    "number_compare": _number_compare,
+    "word_property": _word_property,
 }
+#: The families ``tasks=builtin`` reads when none are named: the first eight, so that recipes, runs and
+#: published numbers made before the later families were added stay reproducible.
+DEFAULT_FAMILIES = ("word_category", "number_property", "kv_lookup", "caesar", "string_op", "word_map", "base_arith",
+                    "linear")
 
 
 def _examples(make: Factory, rng: random.Random, count: int) -> list[Example]:
@@ -292,7 +371,7 @@ def read_builtin(
     """Generate tasks of several built-in families.
 
     Args:
-        families: Family names (default: all of :data:`FAMILIES`).
+        families: Family names (default: :data:`DEFAULT_FAMILIES`).
         tasks_per_family: Tasks per family.
         examples_per_task: Examples per task.
         seed: Base seed.
@@ -304,6 +383,6 @@ def read_builtin(
         ConfigError: unknown family or bad counts.
     """
     tasks: list[Task] = []
-    for family in families or FAMILIES:
+    for family in families or DEFAULT_FAMILIES:
         tasks.extend(generate_family(family, tasks_per_family, examples_per_task, seed))
     return tasks
