@@ -109,9 +109,10 @@ _PROPERTIES = {
 }
 
 
-def _number_property(rng: random.Random):
-    name = rng.choice(sorted(_PROPERTIES))
-    draw, test, text = _PROPERTIES[name]
+def _labelled_property(rng: random.Random, properties: dict, draw_input: Callable[[random.Random], object], noun: str):
+    """A hidden property of the input (drawn from ``properties``) named by two random label words."""
+    name = rng.choice(sorted(properties))
+    draw, test, text = properties[name]
     parameter = draw(rng)
     yes, no = rng.sample(LABELS, 2)
 
@@ -119,12 +120,16 @@ def _number_property(rng: random.Random):
         # draw positives and negatives equally often so rare properties still show both labels
         want = r.random() < 0.5
         for _ in range(200):
-            x = r.randint(0, 99)
-            if bool(test(x, parameter)) == want:
+            value = draw_input(r)
+            if bool(test(value, parameter)) == want:
                 break
-        return Example(input=str(x), target=yes if test(x, parameter) else no, options=[yes, no])
+        return Example(input=str(value), target=yes if test(value, parameter) else no, options=[yes, no])
 
-    return (name, parameter, yes, no), f"'{yes}' if the number {text.format(parameter)}, else '{no}'", make
+    return (name, parameter, yes, no), f"'{yes}' if the {noun} {text.format(parameter)}, else '{no}'", make
+
+
+def _number_property(rng: random.Random):
+    return _labelled_property(rng, _PROPERTIES, lambda r: r.randint(0, 99), "number")
 
 
 def _kv_lookup(rng: random.Random):
@@ -268,20 +273,7 @@ _WORD_PROPERTIES = {
 
 
 def _word_property(rng: random.Random):
-    name = rng.choice(sorted(_WORD_PROPERTIES))
-    draw, test, text = _WORD_PROPERTIES[name]
-    parameter = draw(rng)
-    yes, no = rng.sample(LABELS, 2)
-
-    def make(r: random.Random) -> Example:
-        want = r.random() < 0.5  # both labels equally often, as in number_property
-        for _ in range(200):
-            word = r.choice(PROPERTY_WORDS)
-            if bool(test(word, parameter)) == want:
-                break
-        return Example(input=word, target=yes if test(word, parameter) else no, options=[yes, no])
-
-    return (name, parameter, yes, no), f"'{yes}' if the word {text.format(parameter)}, else '{no}'", make
+    return _labelled_property(rng, _WORD_PROPERTIES, lambda r: r.choice(PROPERTY_WORDS), "word")
 
 
 #: family name -> rule generator.
