@@ -209,8 +209,9 @@ def test_plain_builtin_reads_the_default_families_only():
 
 
 def _position_rule(task):
-    """The index of the answer among the options: one position for every example of a task."""
-    return {e.options.index(e.target) for e in task.examples} == {e.options.index(e.target) for e in task.examples[:1]}
+    """The answer sits at the position the description names, in every example."""
+    position = int(task.description.split()[1]) - 1  # "item 2 of 4 words"
+    return all(e.options.index(e.target) == position for e in task.examples)
 
 
 def _compare_rule(task):
@@ -225,13 +226,23 @@ def _compare_rule(task):
 
 
 def _property_rule(task):
-    """Two fixed label words, both used; the label is a function of the word."""
+    """Two fixed label words, both used; the first is the answer exactly when the word has the property."""
     labels = {tuple(e.options) for e in task.examples}
-    by_word = {}
-    for e in task.examples:
-        by_word.setdefault(e.input, set()).add(e.target)
-    return len(labels) == 1 and {e.target for e in task.examples} == set(next(iter(labels))) and all(
-        len(v) == 1 for v in by_word.values())
+    if len(labels) != 1 or {e.target for e in task.examples} != set(next(iter(labels))):
+        return False
+    yes = next(iter(labels))[0]
+    has = {"longer": lambda w, p: len(w) > int(p), "contains": lambda w, p: p in w,
+           "starts_before": lambda w, p: w[0] < p, "ends_vowel": lambda w, p: w[-1] in "aeiou"}
+    text = task.description
+    if "more than" in text:
+        test, parameter = has["longer"], text.split("more than ")[1].split()[0]
+    elif "contains" in text:
+        test, parameter = has["contains"], text.split("contains '")[1][0]
+    elif "starts before" in text:
+        test, parameter = has["starts_before"], text.split("before '")[1][0]
+    else:
+        test, parameter = has["ends_vowel"], None
+    return all((e.target == yes) == test(e.input, parameter) for e in task.examples)
 
 
 @pytest.mark.parametrize("family, rule, options", [
