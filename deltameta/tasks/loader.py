@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from deltameta.errors import ConfigError, DataError
 from deltameta.tasks.bigbench import bigbench_files, read_bigbench_file
-from deltameta.tasks.builtin import DEFAULT_FAMILIES, FAMILIES, SOURCE as BUILTIN, read_builtin
+from deltameta.tasks.builtin import FAMILIES, SOURCE as BUILTIN, read_builtin
 from deltameta.tasks.collection import TaskCollection, as_names, split_collection
 from deltameta.tasks.hf import FILE_BUILDERS, read_hf
 from deltameta.tasks.jsonl import read_jsonl
@@ -73,7 +73,7 @@ def read_source(
         if columns is not None:
             raise ConfigError(f"columns={dict(columns)} applies to jsonl, csv/parquet and Hugging Face datasets sources; "
                               f"the built-in tasks ('{text}') have fixed fields. Drop columns or change tasks.")
-        families = as_names(text.partition(":")[2]) or list(DEFAULT_FAMILIES)
+        families = as_names(text.partition(":")[2]) or None  # None: read_builtin's DEFAULT_FAMILIES
         return read_builtin(families, builtin_tasks_per_family, builtin_examples_per_task, seed)
     if text.startswith("hf:"):
         return read_hf(text[3:], columns, split=hf_split, config=hf_config, revision=revision)
