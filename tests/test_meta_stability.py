@@ -110,6 +110,22 @@ def test_a_spike_is_flagged_warned_counted_and_survives_a_resume(tmp_path, caplo
     assert _spike_flags(resumed.run_dir) == _spike_flags(result.run_dir)
 
 
+def test_a_spike_is_flagged_with_meta_clip_off_and_its_norm_is_the_unclipped_one(tmp_path, caplog):
+    config = tiny_config(tmp_path, controller="none", ops=["lora-2"], outer_steps=8, meta_clip=0.0)
+    trainer = MetaTrainer(config, prepare_run_dir(config.output_dir))
+    _amplify(trainer, {7}, factor=100.0)
+    with caplog.at_level(logging.WARNING):
+        result = trainer.train()
+    assert _spike_flags(result.run_dir) == [False] * 6 + [True, False]
+    assert "not clipped: meta_clip=0" in caplog.text and "meta_clip > 0," in caplog.text
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    norms = [row["meta_grad_norm"] for row in rows if row["kind"] == "train"]
+    assert len(norms) == 8 and all(n > 0 for n in norms)
+    others = sorted(norms[:6])
+    assert norms[6] > 10 * others[len(others) // 2]  # measured whole, not scaled down to a clip norm
+    assert result.grad_spikes == 1
+
+
 def test_the_summary_of_meta_train_says_how_many_spikes(tmp_path, capsys, monkeypatch):
     def fake_run(spikes):
         return lambda config, overwrite=False, resume=False: TrainResult(

@@ -1,10 +1,11 @@
 """Flag meta-gradient spikes: outer steps whose meta-gradient norm jumps far above the recent norms.
 
 A spike is finite, so the non-finite guards of the trainer let it through and ``meta_clip`` scales
-it down to the clip norm; training goes on, but a run with many spikes has usually left the region
-where the meta-gradient is informative (second-order MAML and task-count studies showed runs whose
-norm went from about 10 to thousands while the pre-adaptation loss climbed). The trainer reports
-each spike and counts them, so the run's summary says whether training was unstable.
+it down to the clip norm (``meta_clip=0`` lets it through whole); training goes on, but a run with
+many spikes has usually left the region where the meta-gradient is informative (second-order MAML
+and task-count studies showed runs whose norm went from about 10 to thousands while the
+pre-adaptation loss climbed). The trainer reports each spike and counts them, so the run's summary
+says whether training was unstable.
 """
 
 from __future__ import annotations

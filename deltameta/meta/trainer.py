@@ -314,8 +314,12 @@ class MetaTrainer:
         rolled_back = False
         if finite:
             if c.meta_clip > 0:
-                row["meta_grad_norm"] = norm = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
-                self._check_spike(row, norm)
+                norm = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
+            else:  # not clipped, but still measured, so a spike is flagged with clipping off too
+                grads = [p.grad for p in params if p.grad is not None]
+                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            row["meta_grad_norm"] = norm
+            self._check_spike(row, norm)
             saved = self._snapshot(params)
             self.optimizer.step()
             self.algorithm.after_outer_step()
@@ -374,12 +378,13 @@ class MetaTrainer:
         ratio = self.grad_monitor.update(norm)
         row["meta_grad_spike"] = ratio is not None
         if ratio is not None and self.dist.is_main:
+            clip = self.config.meta_clip
+            clipping = f"clipped to meta_clip={clip:g}" if clip > 0 else "not clipped: meta_clip=0"
             logger.warning(
-                "step %d: meta-gradient norm %.4g is %.0fx the median of the recent steps (clipped to "
-                "meta_clip=%g); %d such spike(s) so far. Many spikes mean meta-training is unstable: a lower "
-                "outer_lr or inner_lr, or a first-order meta-gradient (algorithm=fomaml; metasgd with "
-                "first_order=true), may help.",
-                self.step + 1, norm, ratio, self.config.meta_clip, self.grad_monitor.spikes)
+                "step %d: meta-gradient norm %.4g is %.0fx the median of the recent steps (%s); %d such "
+                "spike(s) so far. Many spikes mean meta-training is unstable: a lower outer_lr or inner_lr, "
+                "%sor a first-order meta-gradient (algorithm=fomaml; metasgd with first_order=true), may help.",
+                self.step + 1, norm, ratio, clipping, self.grad_monitor.spikes, "" if clip > 0 else "meta_clip > 0, ")
 
     def _snapshot(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any], dict[str, Any] | None]:
         """Copy the meta-parameters and optimizer states before a step (for :meth:`_restore`)."""
