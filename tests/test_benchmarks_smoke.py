@@ -28,6 +28,8 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     "metasgd_rate_grad.py": (["--model", "tiny-random-llama", "--quantization", "none", "--inner-steps", "1", "2",
                               "--steps", "1"], "| 2 |"),
     # built-in kv_lookup mixed into the fixture BIG-bench meta_train: every evaluation stage runs
+    # seed 0's ICL comes from a second evaluation scored at step 0 only: the parts of a seed combine
+    "pool_seeds.py": (["--smoke", "{tmp}", "--pairs", "fresh-lora-zero-shot,fresh-lora-icl"], "| fresh-lora - icl |"),
     "study.py": (["--name", "smoke", "--smoke", "--out", "{tmp}", "--bigbench", "tests/fixtures/tasks/bigbench",
                   "--mix-builtin", "kv_lookup"], "| smoke | eval-dev | meta |"),
     "tarp_fold.py": (["--model", "tiny-random-llama", "--val-episodes", "2"], "| least squares |"),

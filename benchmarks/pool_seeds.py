@@ -1,0 +1,102 @@
+"""Pool a study's seeds: paired differences per seed and over all (seed, task) pairs.
+
+Run (one ``--seed`` per seed; each names the evaluations that hold its methods, all on the same
+episodes; ``DIR:method,method`` takes only those methods from DIR):
+
+    python benchmarks/pool_seeds.py --step 2 \
+        --seed runs/study/metasgd-lora-mc6-hold-kv/eval-families \
+               runs/study/maml-lora-mc-hold-kv/eval-families:fresh-lora \
+               runs/study/metasgd-lora-mc-hold-kv/eval-families:icl \
+        --seed runs/study/metasgd-lora-mc6-hold-kv-seed1/eval-families \
+               runs/study/metasgd-lora-mc6-hold-kv-seed1/eval-families-icl:icl \
+        --pairs meta-multitask,meta-fresh-lora,meta-zero-shot,meta-icl
+
+prints a markdown table (a column per seed, one pooled) and, with ``--out FILE``, writes it and
+the numbers (``FILE`` with ``.json``). ``--smoke DIR`` first runs two tiny evaluations (seeds 0
+and 1, plus ICL of seed 0 as a separate part) under DIR and pools them (the test suite does this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from deltameta.atomic import atomic_write_json, atomic_write_text
+from deltameta.errors import ConfigError
+from deltameta.evaluate.pooling import SeedPart, pool_seeds, pooled_table, seed_scores
+
+SMOKE_EVAL = dict(model="tiny-random-llama", quantization="none", tasks="builtin:kv_lookup", splits="train=1",
+                  split="train", builtin_tasks_per_family=2, builtin_examples_per_task=12, max_tasks=2, episodes=1,
+                  shots=2, query_size=2, max_length=48, plots=False, progress=False)
+
+
+def _smoke_parts(root: Path) -> list[list[str]]:
+    """Two tiny seeds; seed 0's ICL from a separate evaluation scored at step 0 only."""
+    from deltameta.config import build_config
+    from deltameta.evaluate import EvaluateConfig, run_evaluate
+
+    runs = [(0, ["zero-shot", "fresh-lora"], [0, 1], "seed0"), (0, ["icl"], [0], "seed0-icl"),
+            (1, ["zero-shot", "fresh-lora", "icl"], [0, 1], "seed1")]
+    for seed, methods, steps, name in runs:
+        config = build_config(EvaluateConfig, overrides=dict(SMOKE_EVAL, seed=seed, methods=methods, steps=steps,
+                                                               output_dir=str(root / name)))
+        run_evaluate(config, overwrite=True)
+    return [[str(root / "seed0"), f"{root / 'seed0-icl'}:icl"], [str(root / "seed1")]]
+
+
+def _pairs(text: str) -> list[tuple[str, str]] | None:
+    if not text:
+        return None
+    from deltameta.evaluate.config import METHODS
+
+    pairs = []
+    for item in text.split(","):
+        item = item.strip()
+        split = next(((item[:i], item[i + 1:]) for i in range(len(item)) if item[i] == "-"
+                      and item[:i] in METHODS and item[i + 1:] in METHODS), None)
+        if split is None:
+            raise ConfigError(f"--pairs: '{item}' is not METHOD-METHOD with methods among {list(METHODS)}.")
+        pairs.append(split)
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", nargs="+", action="append", default=[], metavar="DIR[:METHODS]",
+                        help="the evaluations of one seed (repeat per seed)")
+    parser.add_argument("--step", default="2", help="adaptation steps to compare after (default 2)")
+    parser.add_argument("--key", default="accuracy", choices=["accuracy", "accuracy_norm"])
+    parser.add_argument("--pairs", default="", help="comma-separated A-B pairs (default: every trained method "
+                                                    "against multitask, fresh-lora, zero-shot)")
+    parser.add_argument("--labels", default="", help="comma-separated column names of the seeds")
+    parser.add_argument("--out", default=None, help="also write the table here (and the numbers as .json)")
+    parser.add_argument("--smoke", default=None, metavar="DIR", help="tiny evaluations under DIR, then pool them")
+    args = parser.parse_args(argv)
+    try:
+        seeds = _smoke_parts(Path(args.smoke)) if args.smoke else args.seed
+        if args.smoke:
+            args.step = "1"
+        if not seeds:
+            raise ConfigError("name the evaluations of each seed with --seed DIR [DIR:METHODS ...] (repeat per seed).")
+        scores = [seed_scores([SeedPart.parse(spec) for spec in specs], args.step, args.key) for specs in seeds]
+        pooled = pool_seeds(scores, _pairs(args.pairs))
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()] or None
+        if labels and len(labels) != len(seeds):
+            raise ConfigError(f"--labels names {len(labels)} seeds, --seed gives {len(seeds)}.")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = (f"Paired differences of {args.key} after {args.step} steps (percentage points; mean ± 95% CI, "
+             f"n = tasks; pooled: every (seed, task) pair one unit):\n\n" + pooled_table(pooled, labels))
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        atomic_write_text(out, table)
+        atomic_write_json(out.with_suffix(".json"), dict(pooled, step=args.step, key=args.key, seeds_given=seeds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
