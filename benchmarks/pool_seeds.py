@@ -12,7 +12,9 @@ episodes; ``DIR:method,method`` takes only those methods from DIR):
         --pairs meta-multitask,meta-fresh-lora,meta-zero-shot,meta-icl
 
 prints a markdown table (a column per seed, one pooled) and, with ``--out FILE``, writes it and
-the numbers (``FILE`` with ``.json``). ``--smoke DIR`` first runs two tiny evaluations (seeds 0
+the numbers (``FILE`` with ``.json``). The pooled unit is the (seed, task) pair, or the task
+averaged over seeds when the seeds evaluated the same tasks (``--unit``; see
+``deltameta.evaluate.pooling``). ``--smoke DIR`` first runs two tiny evaluations (seeds 0
 and 1, plus ICL of seed 0 as a separate part) under DIR and pools them (the test suite does this).
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.errors import ConfigError
-from deltameta.evaluate.pooling import SeedPart, pool_seeds, pooled_table, seed_scores
+from deltameta.evaluate.pooling import SeedPart, parse_pairs, pool_seeds, pooled_table, seed_scores
 
 SMOKE_EVAL = dict(model="tiny-random-llama", quantization="none", tasks="builtin:kv_lookup", splits="train=1",
                   split="train", builtin_tasks_per_family=2, builtin_examples_per_task=12, max_tasks=2, episodes=1,
@@ -45,51 +47,41 @@ def _smoke_parts(root: Path) -> list[list[str]]:
     return [[str(root / "seed0"), f"{root / 'seed0-icl'}:icl"], [str(root / "seed1")]]
 
 
-def _pairs(text: str) -> list[tuple[str, str]] | None:
-    if not text:
-        return None
-    from deltameta.evaluate.config import METHODS
-
-    pairs = []
-    for item in text.split(","):
-        item = item.strip()
-        split = next(((item[:i], item[i + 1:]) for i in range(len(item)) if item[i] == "-"
-                      and item[:i] in METHODS and item[i + 1:] in METHODS), None)
-        if split is None:
-            raise ConfigError(f"--pairs: '{item}' is not METHOD-METHOD with methods among {list(METHODS)}.")
-        pairs.append(split)
-    return pairs
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Pool the seeds named on the command line; print (and with ``--out`` write) the table. Exit 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", nargs="+", action="append", default=[], metavar="DIR[:METHODS]",
                         help="the evaluations of one seed (repeat per seed)")
-    parser.add_argument("--step", default="2", help="adaptation steps to compare after (default 2)")
+    parser.add_argument("--step", default=None, help="adaptation steps to compare after (default 2; 1 with --smoke)")
+    parser.add_argument("--unit", default="auto", choices=["auto", "pair", "task"],
+                        help="unit of the pooled CI: (seed, task) pairs, or tasks averaged over seeds (default: "
+                             "pairs unless task names repeat across seeds that are not seed-generated built-in tasks)")
     parser.add_argument("--key", default="accuracy", choices=["accuracy", "accuracy_norm"])
     parser.add_argument("--pairs", default="", help="comma-separated A-B pairs (default: every trained method "
                                                     "against multitask, fresh-lora, zero-shot)")
     parser.add_argument("--labels", default="", help="comma-separated column names of the seeds")
-    parser.add_argument("--out", default=None, help="also write the table here (and the numbers as .json)")
+    parser.add_argument("--out", default=None, help="also write the table to this .md file (and the numbers "
+                                                     "beside it as .json)")
     parser.add_argument("--smoke", default=None, metavar="DIR", help="tiny evaluations under DIR, then pool them")
     args = parser.parse_args(argv)
     try:
-        seeds = _smoke_parts(Path(args.smoke)) if args.smoke else args.seed
-        if args.smoke:
-            args.step = "1"
-        if not seeds:
+        if args.out and Path(args.out).suffix != ".md":
+            raise ConfigError(f"--out {args.out}: expected a .md file (the numbers go beside it as .json).")
+        if not args.smoke and not args.seed:
             raise ConfigError("name the evaluations of each seed with --seed DIR [DIR:METHODS ...] (repeat per seed).")
+        args.step = args.step or ("1" if args.smoke else "2")
+        seeds = _smoke_parts(Path(args.smoke)) if args.smoke else args.seed
         scores = [seed_scores([SeedPart.parse(spec) for spec in specs], args.step, args.key) for specs in seeds]
-        pooled = pool_seeds(scores, _pairs(args.pairs))
+        pooled = pool_seeds(scores, parse_pairs(args.pairs) if args.pairs else None, args.unit)
         labels = [s.strip() for s in args.labels.split(",") if s.strip()] or None
         if labels and len(labels) != len(seeds):
             raise ConfigError(f"--labels names {len(labels)} seeds, --seed gives {len(seeds)}.")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = (f"Paired differences of {args.key} after {args.step} steps (percentage points; mean ± 95% CI, "
-             f"n = tasks; pooled: every (seed, task) pair one unit):\n\n" + pooled_table(pooled, labels))
+    table = (f"Paired differences of {args.key} after {args.step} steps (percentage points; mean ± 95% CI; "
+             f"{pooled['convention']}):\n\n" + pooled_table(pooled, labels))
     print(table)
     if args.out:
         out = Path(args.out)

@@ -28,10 +28,10 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     "metasgd_rate_grad.py": (["--model", "tiny-random-llama", "--quantization", "none", "--inner-steps", "1", "2",
                               "--steps", "1"], "| 2 |"),
     # built-in kv_lookup mixed into the fixture BIG-bench meta_train: every evaluation stage runs
-    # seed 0's ICL comes from a second evaluation scored at step 0 only: the parts of a seed combine
-    "pool_seeds.py": (["--smoke", "{tmp}", "--pairs", "fresh-lora-zero-shot,fresh-lora-icl"], "| fresh-lora - icl |"),
     "study.py": (["--name", "smoke", "--smoke", "--out", "{tmp}", "--bigbench", "tests/fixtures/tasks/bigbench",
                   "--mix-builtin", "kv_lookup"], "| smoke | eval-dev | meta |"),
+    # seed 0's ICL comes from a second evaluation scored at step 0 only: the parts of a seed combine
+    "pool_seeds.py": (["--smoke", "{tmp}", "--pairs", "fresh-lora-zero-shot,fresh-lora-icl"], "(n=4) |\n"),
     "tarp_fold.py": (["--model", "tiny-random-llama", "--val-episodes", "2"], "| least squares |"),
     "meta_step.py": (["--model", "tiny-random-llama", "--quantization", "none", "--device", "cpu", "--steps", "1",
                       "--warmup", "0", "--meta-batch-size", "2", "--inner-steps", "1", "--shots", "1", "--query-size", "1",

@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 
 from deltameta.errors import ConfigError
-from deltameta.evaluate.pooling import SeedPart, pool_seeds, pooled_table, seed_scores
+from deltameta.evaluate.pooling import SeedPart, parse_pairs, pool_seeds, pooled_table, seed_scores
 from deltameta.evaluate.report import mean_ci, summarize
 
 TRAINS = {"zero-shot": False, "icl": False, "fresh-lora": True, "multitask": True, "meta": True}
 
 
-def _results(methods, steps=(0, 2), tasks=("t0", "t1", "t2"), episodes=2, seed=0, fingerprint="f"):
+def _results(methods, steps=(0, 2), tasks=("t0", "t1", "t2"), episodes=2, seed=0, fingerprint="f", source="builtin"):
     """A results.json of ``methods`` with random per-episode accuracies (non-training methods equal at every step)."""
     rng = random.Random(f"{seed}-{','.join(methods)}")
-    out = {"steps": list(steps), "methods": {m: {"trains": TRAINS[m]} for m in methods}, "tasks": {}}
+    out = {"steps": list(steps), "methods": {m: {"trains": TRAINS[m]} for m in methods}, "tasks": {},
+           "config": {"model": "m", "quantization": "nf4", "max_length": 64, "tasks": source, "seed": seed}}
     for task in tasks:
         entry = {"family": "fam", "episodes": [{"id": f"{task}#{i}", "fingerprint": f"{fingerprint}{seed}{i}"}
                                                 for i in range(episodes)], "methods": {}}
@@ -48,7 +49,7 @@ def test_one_seed_from_two_parts_equals_the_evaluations_own_differences(tmp_path
             data["accuracy"] = {"0": data["accuracy"]["0"]}
     parts = [SeedPart.parse(_write(tmp_path, "main", main_part)), SeedPart.parse(_write(tmp_path, "icl", icl_part) + ":icl")]
     scores = seed_scores(parts, 2)
-    assert set(scores) == {"zero-shot", "multitask", "meta", "icl"}
+    assert set(scores.scores) == {"zero-shot", "multitask", "meta", "icl"}
     pooled = pool_seeds([scores], [("meta", "multitask"), ("meta", "icl")])
     expected = summarize(whole)["comparisons"]
     for name in ("meta - multitask", "meta - icl"):
@@ -60,21 +61,38 @@ def test_pooled_units_are_seed_task_pairs(tmp_path):
     seeds = [seed_scores([SeedPart.parse(_write(tmp_path, f"s{s}", _results(["fresh-lora", "meta"], seed=s)))], 2)
              for s in range(3)]
     pooled = pool_seeds(seeds)
-    assert list(pooled["comparisons"]) == ["meta - fresh-lora"]
-    diffs = [seed["meta"][t] - seed["fresh-lora"][t] for seed in seeds for t in seed["meta"]]
+    assert list(pooled["comparisons"]) == ["meta - fresh-lora"] and pooled["unit"] == "pair"
+    diffs = [s.scores["meta"][t] - s.scores["fresh-lora"][t] for s in seeds for t in s.scores["meta"]]
     entry = pooled["comparisons"]["meta - fresh-lora"]
     assert entry["pooled"]["n"] == 9 and entry["pooled"]["mean"] == pytest.approx(mean_ci(diffs)["mean"])
     assert entry["pooled"]["ci95"] == pytest.approx(mean_ci(diffs)["ci95"])
     assert [s["n"] for s in entry["seeds"]] == [3, 3, 3]
     table = pooled_table(pooled, ["a", "b", "c"])
-    assert table.splitlines()[0] == "| difference | a | b | c | pooled |"
-    assert f"(n=9)" in table and table.count("\n") == 3
+    assert table.splitlines()[0] == "| difference | a | b | c | pooled (pairs) |"
+    assert "(n=9)" in table and table.count("\n") == 3
+
+
+def test_seeds_of_the_same_tasks_pool_by_task(tmp_path):
+    """Seeds that evaluate the same (non built-in) tasks: each task one unit, averaged over the seeds."""
+    seeds = [seed_scores([SeedPart.parse(_write(tmp_path, f"s{s}", _results(["fresh-lora", "meta"], seed=s,
+                                                                            source="bigbench")))], 2) for s in range(3)]
+    pooled = pool_seeds(seeds)
+    assert pooled["unit"] == "task"
+    by_task = [sum(s.scores["meta"][t] - s.scores["fresh-lora"][t] for s in seeds) / 3 for t in ("t0", "t1", "t2")]
+    entry = pooled["comparisons"]["meta - fresh-lora"]["pooled"]
+    assert entry["n"] == 3 and entry["mean"] == pytest.approx(mean_ci(by_task)["mean"])
+    assert entry["ci95"] == pytest.approx(mean_ci(by_task)["ci95"])
+    assert pool_seeds(seeds, unit="pair")["comparisons"]["meta - fresh-lora"]["pooled"]["n"] == 9
+    same_seed = [seed_scores([SeedPart.parse(_write(tmp_path, f"b{s}", _results(["fresh-lora", "meta"], seed=0)))], 2)
+                 for s in range(2)]  # built-in tasks read with the same seed: the same rules
+    with pytest.raises(ConfigError, match="same episodes"):
+        pool_seeds(same_seed)
 
 
 def test_parts_of_a_seed_must_fit_together(tmp_path):
     base = _write(tmp_path, "base", _results(["zero-shot", "meta"]))
     other = _write(tmp_path, "other", _results(["fresh-lora"], fingerprint="g"))  # other episodes
-    with pytest.raises(ConfigError, match="other episodes"):
+    with pytest.raises(ConfigError, match="used episodes"):
         seed_scores([SeedPart.parse(base), SeedPart.parse(other)], 2)
     fewer = _write(tmp_path, "fewer", _results(["fresh-lora"], tasks=("t0", "t1")))
     with pytest.raises(ConfigError, match="other tasks"):
@@ -82,7 +100,19 @@ def test_parts_of_a_seed_must_fit_together(tmp_path):
     again = _write(tmp_path, "again", _results(["zero-shot", "fresh-lora"]))
     with pytest.raises(ConfigError, match="'zero-shot' comes from two parts"):
         seed_scores([SeedPart.parse(base), SeedPart.parse(again)], 2)
-    assert set(seed_scores([SeedPart.parse(base), SeedPart.parse(again + ":fresh-lora")], 2)) == {"zero-shot", "meta", "fresh-lora"}
+    assert set(seed_scores([SeedPart.parse(base), SeedPart.parse(again + ":fresh-lora")], 2).scores) == \
+        {"zero-shot", "meta", "fresh-lora"}
+    other_model = _results(["fresh-lora"])
+    other_model["config"]["max_length"] = 128
+    with pytest.raises(ConfigError, match="max_length=128"):
+        seed_scores([SeedPart.parse(base), SeedPart.parse(_write(tmp_path, "long", other_model))], 2)
+    not_results = tmp_path / "run.json"
+    not_results.write_text('{"status": "finished"}')
+    with pytest.raises(ConfigError, match="is not the results.json"):
+        seed_scores([SeedPart.parse(str(not_results))], 2)
+    not_results.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="is not a JSON file"):
+        seed_scores([SeedPart.parse(str(not_results))], 2)
     with pytest.raises(ConfigError, match=r"has no method\(s\) \['icl'\]"):
         seed_scores([SeedPart.parse(base + ":icl")], 2)
     trained_at_zero = _write(tmp_path, "zero", _results(["zero-shot", "meta"], steps=(0,)))
@@ -91,7 +121,9 @@ def test_parts_of_a_seed_must_fit_together(tmp_path):
     with pytest.raises(ConfigError, match="holds no results.json"):
         seed_scores([SeedPart.parse(str(tmp_path / "nope"))], 2)
     with pytest.raises(ConfigError, match="not in every seed"):
-        pool_seeds([seed_scores([SeedPart.parse(base)], 2), seed_scores([SeedPart.parse(again)], 2)], [("meta", "zero-shot")])
+        pool_seeds([seed_scores([SeedPart.parse(base)], 2),
+                    seed_scores([SeedPart.parse(_write(tmp_path, "s1", _results(["zero-shot"], seed=1)))], 2)],
+                   [("meta", "zero-shot")])
 
 
 def test_a_part_spec_names_its_methods_unless_the_path_itself_exists(tmp_path):
@@ -101,3 +133,18 @@ def test_a_part_spec_names_its_methods_unless_the_path_itself_exists(tmp_path):
     assert SeedPart.parse(str(odd)) == SeedPart(odd, ())
     with pytest.raises(ConfigError, match="name the methods"):
         SeedPart.parse("runs/x:")
+
+
+@pytest.mark.parametrize("text, pairs", [
+    ("meta-multitask", [("meta", "multitask")]),
+    ("fresh-lora-zero-shot, meta-dynamic-meta", [("fresh-lora", "zero-shot"), ("meta-dynamic", "meta")]),
+    ("meta - icl", [("meta", "icl")]),
+])
+def test_pairs_split_at_the_hyphen_between_two_methods(text, pairs):
+    assert parse_pairs(text) == pairs
+
+
+@pytest.mark.parametrize("text", ["meta", "meta-lora", "meta-multitask-icl"])
+def test_a_pair_that_is_not_two_methods_is_refused(text):
+    with pytest.raises(ConfigError, match="expected METHOD-METHOD"):
+        parse_pairs(text)

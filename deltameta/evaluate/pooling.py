@@ -1,31 +1,39 @@
-"""Pool paired comparisons over seeds: each (seed, task) pair is one unit.
+"""Pool paired comparisons over a study's seeds.
 
-A study's seeds are independent replications (new training rules, other held-out tasks, other
-episodes, another init), so one seed's 95% CI over 30 tasks is wide, and the question is what the
-seeds say together. :func:`pool_seeds` gives, per method pair, the paired difference of every seed
-and of all seeds pooled, the unit being the (seed, task) pair: per task the mean over its episodes,
-then a Student-t interval across all pairs (tasks of different seeds are different draws, so the
-pairs are not repeated measures of one task).
+A study's seeds are replications, so one seed's 95% CI over 30 tasks is wide, and the question is
+what the seeds say together. :func:`pool_seeds` gives, per method pair, the paired difference of
+every seed and of all seeds pooled. The unit of the pooled interval (``unit``):
+
+- ``pair``: each (seed, task) pair, for seeds that evaluate *different* tasks: the built-in families
+  generate each seed's tasks from that seed, so ``kv_lookup__000`` of seed 1 is another rule than
+  that of seed 0;
+- ``task``: each task, its difference averaged over the seeds that evaluated it, for seeds that
+  evaluate the *same* tasks (e.g. bigbench-lite ``dev``), whose pairs would not be independent;
+- ``auto`` (default): ``pair`` when no task name repeats across seeds, or when every seed read
+  built-in tasks with its own seed; else ``task``.
 
 One seed's methods may come from several evaluations of *the same episodes* (a baseline evaluated
 later, ICL from another run): a :class:`SeedPart` names an evaluation and the methods taken from it.
-The parts of a seed must have evaluated the same tasks with the same episodes, as for
-:func:`deltameta.evaluate.report.merge_results`. A method that does not train (``zero-shot``,
-``icl``) scores the same after any number of steps, so a part that scored it only at step 0 serves
-every step.
+The parts of a seed must have evaluated the same tasks with the same episodes, model, quantization
+and max_length. A method that does not train (``zero-shot``, ``icl``) scores the same after any
+number of steps, so a part that scored it only at step 0 serves every step.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from deltameta.errors import ConfigError
-from deltameta.evaluate.report import _with_verdict, comparison_pairs, mean_ci
+from deltameta.evaluate.config import METHODS, TRAINING_METHODS
+from deltameta.evaluate.report import _diff, _task_means, check_same_episodes, comparison_pairs, mean_ci, with_verdict
+from deltameta.evaluate.runner import RESULTS_FILE
 
-RESULTS_FILE = "results.json"
+#: Config fields the parts of one seed must share (the episodes check covers seed, shots and query size).
+SAME_CONFIG = ("model", "quantization", "compute_dtype", "max_length")
+Unit = Literal["auto", "pair", "task"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,16 @@ class SeedPart:
     methods: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, spec: str) -> "SeedPart":
-        """``DIR`` or ``DIR:method,method`` (the methods taken from that evaluation)."""
+    def parse(cls, spec: str) -> SeedPart:
+        """Read ``DIR`` or ``DIR:method,method``.
+
+        Args:
+            spec: An evaluation's output dir, optionally with the methods taken from it after the
+                last ``:`` (an existing path is taken whole, colons included).
+
+        Raises:
+            ConfigError: nothing follows the ``:``.
+        """
         if ":" not in spec or Path(spec).exists():
             return cls(Path(spec))
         path, methods = spec.rsplit(":", 1)
@@ -52,30 +68,48 @@ class SeedPart:
         return cls(Path(path), names)
 
     def load(self) -> dict[str, Any]:
-        """The ``results.json`` content of this part."""
+        """The ``results.json`` content of this part.
+
+        Raises:
+            ConfigError: no such file, or not an evaluation's results.
+        """
         file = self.path / RESULTS_FILE if self.path.is_dir() else self.path
         if not file.is_file():
             raise ConfigError(f"'{self.path}' holds no {RESULTS_FILE}; pass the output dir of a finished evaluation.")
         try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"'{file}' is not valid JSON ({error}).") from None
+            results = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"'{file}' is not a JSON file ({error}).") from None
+        missing = [k for k in ("steps", "methods", "tasks") if not isinstance(results, dict) or k not in results]
+        if missing or not all(isinstance(e, dict) and "episodes" in e and "methods" in e for e in results["tasks"].values()):
+            raise ConfigError(f"'{file}' is not the results.json of a `deltameta evaluate` run "
+                              f"(missing {missing or 'tasks.*.episodes/methods'}).")
+        return results
+
+
+@dataclass
+class SeedScores:
+    """One seed's per-task scores, and what identifies its tasks and episodes.
+
+    Attributes:
+        scores: ``{method: {task: mean over the task's episodes}}``.
+        episodes: ``{task: episode fingerprints}``.
+        config: The first part's evaluation config.
+        name: How errors name the seed (its first part).
+    """
+
+    scores: dict[str, dict[str, float]]
+    episodes: dict[str, list[Any]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
 
 
 def _trains(results: dict[str, Any], method: str) -> bool:
     info = results["methods"].get(method) or {}
-    if "trains" in info:
-        return bool(info["trains"])
-    from deltameta.evaluate.config import TRAINING_METHODS
-
-    return method in TRAINING_METHODS
+    return bool(info["trains"]) if "trains" in info else method in TRAINING_METHODS
 
 
-def _episodes(entry: dict[str, Any]) -> list[tuple[Any, Any]]:
-    return [(record["id"], record.get("fingerprint")) for record in entry["episodes"]]
-
-
-def seed_scores(parts: Sequence[SeedPart], step: int | str, key: str = "accuracy") -> dict[str, dict[str, float]]:
+def seed_scores(parts: Sequence[SeedPart], step: int | str, key: str = "accuracy") -> SeedScores:
     """Per method, per task: the mean ``key`` over the task's episodes after ``step`` steps.
 
     Args:
@@ -84,93 +118,142 @@ def seed_scores(parts: Sequence[SeedPart], step: int | str, key: str = "accuracy
         key: ``accuracy`` or ``accuracy_norm``.
 
     Returns:
-        ``{method: {task: mean}}``.
+        The seed's :class:`SeedScores`.
 
     Raises:
-        ConfigError: a part lacks a named method or the step, the parts differ in tasks or episodes,
-            or two parts give the same method.
+        ConfigError: a part lacks a named method or the step, the parts differ in tasks, episodes
+            or :data:`SAME_CONFIG`, or two parts give the same method.
     """
+    if not parts:
+        raise ConfigError("a seed needs at least one evaluation.")
     step = str(step)
     scores: dict[str, dict[str, float]] = {}
-    reference: dict[str, Any] | None = None
+    reference: dict[str, Any] = {}
     for part in parts:
         results = part.load()
         methods = list(part.methods) or list(results["methods"])
         missing = [m for m in methods if m not in results["methods"]]
         if missing:
             raise ConfigError(f"'{part.path}' has no method(s) {missing}; it has {list(results['methods'])}.")
-        if reference is None:
+        if not reference:
             reference = results
-        elif set(results["tasks"]) != set(reference["tasks"]):
-            raise ConfigError(f"'{part.path}' evaluated other tasks than '{parts[0].path}': "
-                              f"{sorted(set(results['tasks']) ^ set(reference['tasks']))[:5]}")
-        for task, entry in results["tasks"].items():
-            if _episodes(entry) != _episodes(reference["tasks"][task]):
-                raise ConfigError(f"task '{task}': '{part.path}' used other episodes than '{parts[0].path}'; the parts "
-                                  "of a seed must come from evaluations with the same seed, shots, query_size and episodes.")
+        else:
+            check_same_episodes(reference, results, f"'{part.path}'", f"'{parts[0].path}'")
+            for name in SAME_CONFIG:
+                ours, theirs = results.get("config", {}).get(name), reference.get("config", {}).get(name)
+                if ours != theirs:
+                    raise ConfigError(f"'{part.path}' was evaluated with {name}={ours}, '{parts[0].path}' with "
+                                      f"{name}={theirs}; the parts of a seed must share {', '.join(SAME_CONFIG)}.")
+        means = _task_means(results, key)
+        scored = [str(s) for s in results["steps"]]
         for method in methods:
             if method in scores:
                 raise ConfigError(f"method '{method}' comes from two parts of one seed (the second: '{part.path}'); "
                                   f"take it from one, e.g. '{part.path}:<other methods>'.")
-            scored = [str(s) for s in results["steps"]]
             at = step if step in scored else ("0" if not _trains(results, method) and "0" in scored else None)
             if at is None:
                 raise ConfigError(f"'{part.path}' scored {method} after steps {scored}, not after {step}.")
-            per_task = {}
-            for task, entry in results["tasks"].items():
-                values = [v for v in entry["methods"].get(method, {}).get(key, {}).get(at, []) if v is not None]
-                if values:
-                    per_task[task] = sum(values) / len(values)
-            scores[method] = per_task
-    return scores
+            scores[method] = means[method][at]
+    episodes = {task: [r.get("fingerprint") or r["id"] for r in entry["episodes"]]
+                for task, entry in reference["tasks"].items()}
+    return SeedScores(scores, episodes, reference.get("config", {}), str(parts[0].path))
 
 
-def pool_seeds(seeds: Sequence[dict[str, dict[str, float]]], pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """Paired differences per seed and pooled over seeds, each (seed, task) pair one unit.
+def _resolve_unit(seeds: Sequence[SeedScores], unit: Unit) -> str:
+    """``pair`` or ``task`` (see the module docstring); refuses seeds that share episodes."""
+    for i, a in enumerate(seeds):
+        for b in seeds[i + 1:]:
+            shared = [t for t in a.episodes if a.episodes[t] == b.episodes.get(t)]
+            if shared:
+                raise ConfigError(f"seeds '{a.name}' and '{b.name}' evaluated the same episodes of {shared[:3]}: "
+                                  "the same seed given twice?")
+    if unit != "auto":
+        return unit
+    names = [t for seed in seeds for t in seed.episodes]
+    if len(names) == len(set(names)):
+        return "pair"
+    builtin = all(str(s.config.get("tasks", "")).startswith("builtin") for s in seeds)
+    distinct_seeds = len({s.config.get("seed") for s in seeds}) == len(seeds)
+    return "pair" if builtin and distinct_seeds else "task"
+
+
+def pool_seeds(seeds: Sequence[SeedScores], pairs: Sequence[tuple[str, str]] | None = None,
+               unit: Unit = "auto") -> dict[str, Any]:
+    """Paired differences per seed and pooled over the seeds.
 
     Args:
         seeds: :func:`seed_scores` of each seed.
         pairs: ``(a, b)`` pairs reported as ``a - b`` (default: :func:`comparison_pairs` of the
             methods every seed has).
+        unit: The unit of the pooled interval: ``pair``, ``task`` or ``auto`` (module docstring).
 
     Returns:
-        ``{"methods": [...], "comparisons": {"a - b": {"seeds": [stats per seed], "pooled": stats}}}``,
-        each stats dict as :func:`mean_ci` gives it, in accuracy units, with ``excludes_zero``.
+        ``methods`` (common to every seed), ``seeds`` (their number), ``unit`` (the one used),
+        ``convention`` and ``comparisons``: ``{"a - b": {"seeds": [stats per seed], "pooled": stats}}``,
+        each stats dict as :func:`mean_ci` gives it (accuracy units) with ``excludes_zero``.
+
+    Raises:
+        ConfigError: no seed, a pair's method missing from some seed, or two seeds with the same episodes.
     """
     if not seeds:
         raise ConfigError("pooling needs at least one seed.")
-    common = [m for m in seeds[0] if all(m in seed for seed in seeds)]
+    common = [m for m in seeds[0].scores if all(m in seed.scores for seed in seeds)]
     if pairs is None:
         pairs = comparison_pairs(common)
-    out: dict[str, Any] = {"methods": common, "seeds": len(seeds), "comparisons": {},
-                           "convention": "per task: mean over its episodes; paired difference per task; "
-                                         "pooled: mean and Student-t 95% CI across all (seed, task) pairs"}
+    used = _resolve_unit(seeds, unit)
+    out: dict[str, Any] = {
+        "methods": common, "seeds": len(seeds), "unit": used, "comparisons": {},
+        "convention": "per task: mean over its episodes; paired difference per task; pooled: mean and Student-t "
+                      "95% CI across " + ("all (seed, task) pairs" if used == "pair" else
+                                          "tasks, each task's difference averaged over the seeds")}
     for a, b in pairs:
         missing = [m for m in (a, b) if m not in common]
         if missing:
             raise ConfigError(f"pair '{a} - {b}': method(s) {missing} are not in every seed (common: {common}).")
-        per_seed = [[seed[a][t] - seed[b][t] for t in seed[a] if t in seed[b]] for seed in seeds]
-        out["comparisons"][f"{a} - {b}"] = {
-            "seeds": [_with_verdict(mean_ci(diffs)) for diffs in per_seed],
-            "pooled": _with_verdict(mean_ci([d for diffs in per_seed for d in diffs])),
-        }
+        per_seed = [{t: s.scores[a][t] - s.scores[b][t] for t in s.scores[a] if t in s.scores[b]} for s in seeds]
+        if used == "pair":
+            units = [d for diffs in per_seed for d in diffs.values()]
+        else:
+            by_task: dict[str, list[float]] = {}
+            for diffs in per_seed:
+                for task, d in diffs.items():
+                    by_task.setdefault(task, []).append(d)
+            units = [sum(v) / len(v) for v in by_task.values()]
+        out["comparisons"][f"{a} - {b}"] = {"seeds": [with_verdict(mean_ci(list(d.values()))) for d in per_seed],
+                                            "pooled": with_verdict(mean_ci(units))}
     return out
 
 
-def _cell(stats: dict[str, Any]) -> str:
-    if stats["mean"] is None:
-        return "–"
-    if stats["ci95"] is None:
-        return f"{100 * stats['mean']:+.1f} (n={stats['n']})"
-    mark = " **excl. 0**" if stats["excludes_zero"] else ""
-    return f"{100 * stats['mean']:+.1f} ± {100 * stats['ci95']:.1f} (n={stats['n']}){mark}"
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """Read ``A-B,C-D`` (or ``A - B`` as tables print it) into method pairs.
+
+    Method names contain hyphens (``fresh-lora-zero-shot`` is ``fresh-lora`` − ``zero-shot``): each
+    item is split at the one hyphen whose two sides are both method names.
+
+    Raises:
+        ConfigError: an item is not two method names joined by ``-``.
+    """
+    pairs = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        splits = [(item[:i].strip(), item[i + 1:].strip()) for i, char in enumerate(item) if char == "-"]
+        found = [(a, b) for a, b in splits if a in METHODS and b in METHODS]
+        if len(found) != 1:
+            raise ConfigError(f"pair '{item}': expected METHOD-METHOD with methods among {list(METHODS)}.")
+        pairs.append(found[0])
+    return pairs
 
 
 def pooled_table(pooled: dict[str, Any], labels: Sequence[str] | None = None) -> str:
-    """A markdown table: one row per method pair, a column per seed and one pooled."""
+    """A markdown table of :func:`pool_seeds` output: a row per method pair, a column per seed, one pooled.
+
+    Args:
+        pooled: :func:`pool_seeds` output.
+        labels: Column names of the seeds (default ``seed 0``, ``seed 1``, ...).
+    """
     labels = list(labels) if labels else [f"seed {i}" for i in range(pooled["seeds"])]
-    lines = ["| difference | " + " | ".join(labels) + " | pooled |",
+    lines = ["| difference | " + " | ".join(labels) + f" | pooled ({pooled['unit']}s) |",
              "|---|" + "---|" * (len(labels) + 1)]
+    cell = lambda stats: f"{_diff(stats)} (n={stats['n']})"  # noqa: E731
     for name, entry in pooled["comparisons"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(s) for s in entry["seeds"]) + f" | {_cell(entry['pooled'])} |")
+        lines.append(f"| {name} | " + " | ".join(cell(s) for s in entry["seeds"]) + f" | {cell(entry['pooled'])} |")
     return "\n".join(lines) + "\n"

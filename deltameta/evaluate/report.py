@@ -84,7 +84,7 @@ def _task_means(results: dict[str, Any], key: str) -> dict[str, dict[str, dict[s
     return out
 
 
-def _with_verdict(stats: dict[str, Any]) -> dict[str, Any]:
+def with_verdict(stats: dict[str, Any]) -> dict[str, Any]:
     """Add ``excludes_zero``: whether the 95% CI lies entirely above or below 0 (None without a CI)."""
     stats["excludes_zero"] = None if stats["ci95"] is None else bool(stats["low"] > 0 or stats["high"] < 0)
     return stats
@@ -113,7 +113,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         summary["methods" + suffix] = {m: {s: mean_ci(list(per_task[m][s].values())) for s in steps} for m in methods}
         summary["comparisons" + suffix] = {
             f"{a} - {b}": {
-                s: _with_verdict(mean_ci([per_task[a][s][t] - per_task[b][s][t] for t in per_task[a][s]
+                s: with_verdict(mean_ci([per_task[a][s][t] - per_task[b][s][t] for t in per_task[a][s]
                                           if t in per_task[b][s]]))
                 for s in steps
             }
@@ -140,7 +140,7 @@ def _family_comparisons(results: dict[str, Any], per_task: dict[str, dict[str, d
             for task, value in per_task[a][s].items():
                 if task in per_task[b][s]:
                     by_family.setdefault(families[task], []).append(value - per_task[b][s][task])
-            out[f"{a} - {b}"][s] = _with_verdict(mean_ci([sum(v) / len(v) for v in by_family.values()]))
+            out[f"{a} - {b}"][s] = with_verdict(mean_ci([sum(v) / len(v) for v in by_family.values()]))
     return out
 
 
@@ -381,6 +381,31 @@ def preparation_parity(preparation: dict[str, dict[str, Any]]) -> dict[str, Any]
     return parity
 
 
+def check_same_episodes(reference: dict[str, Any], part: dict[str, Any], name: str, reference_name: str) -> None:
+    """Raise unless ``part`` evaluated the tasks and episodes of ``reference`` (two ``results.json`` contents).
+
+    Args:
+        reference: The evaluation compared against.
+        part: The evaluation checked.
+        name: How errors name ``part`` (e.g. a path).
+        reference_name: How errors name ``reference``.
+
+    Raises:
+        ConfigError: other tasks, or other episodes (ids or fingerprints) of some task.
+    """
+    from deltameta.errors import ConfigError
+
+    if set(part["tasks"]) != set(reference["tasks"]):
+        raise ConfigError(f"{name} evaluated other tasks than {reference_name}: "
+                          f"{sorted(set(part['tasks']) ^ set(reference['tasks']))[:5]}")
+    for task, entry in part["tasks"].items():
+        ids = [(record["id"], record.get("fingerprint")) for record in entry["episodes"]]
+        expected = [(record["id"], record.get("fingerprint")) for record in reference["tasks"][task]["episodes"]]
+        if ids != expected:
+            raise ConfigError(f"task '{task}': {name} used episodes {ids}, {reference_name} used {expected}; "
+                              "run every part with the same seed, shots, query_size and episodes.")
+
+
 def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merge evaluations of *different methods* on the same tasks and episodes into one.
 
@@ -405,18 +430,11 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for index, part in enumerate(parts[1:], start=1):
         if part["steps"] != first["steps"]:
             raise ConfigError(f"part {index} was scored after steps {part['steps']}, part 0 after {first['steps']}.")
-        if set(part["tasks"]) != set(first["tasks"]):
-            raise ConfigError(f"part {index} evaluated other tasks than part 0: "
-                              f"{sorted(set(part['tasks']) ^ set(first['tasks']))[:5]}")
+        check_same_episodes(first, part, f"part {index}", "part 0")
         shared = set(part["methods"]) & set(merged["methods"])
         if shared:
             raise ConfigError(f"part {index} repeats method(s) {sorted(shared)}; merge parts with disjoint methods.")
         for task, entry in part["tasks"].items():
-            ids = [(record["id"], record.get("fingerprint")) for record in entry["episodes"]]
-            expected = [(record["id"], record.get("fingerprint")) for record in merged["tasks"][task]["episodes"]]
-            if ids != expected:
-                raise ConfigError(f"task '{task}': part {index} used episodes {ids}, part 0 used {expected}; "
-                                  "run every part with the same seed, shots, query_size and episodes.")
             merged["tasks"][task]["methods"].update(entry["methods"])
         merged["methods"].update(part["methods"])
         merged["warnings"] = merged.get("warnings", []) + part.get("warnings", [])

@@ -313,11 +313,8 @@ class MetaTrainer:
         finite = result.finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
         rolled_back = False
         if finite:
-            if c.meta_clip > 0:
-                norm = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip))
-            else:  # not clipped, but still measured, so a spike is flagged with clipping off too
-                grads = [p.grad for p in params if p.grad is not None]
-                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            # meta_clip=0: an infinite clip norm measures without clipping, so spikes are flagged then too
+            norm = float(torch.nn.utils.clip_grad_norm_(params, c.meta_clip if c.meta_clip > 0 else math.inf))
             row["meta_grad_norm"] = norm
             self._check_spike(row, norm)
             saved = self._snapshot(params)
