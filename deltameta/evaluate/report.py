@@ -430,10 +430,10 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for index, part in enumerate(parts[1:], start=1):
         if part["steps"] != first["steps"]:
             raise ConfigError(f"part {index} was scored after steps {part['steps']}, part 0 after {first['steps']}.")
-        check_same_episodes(first, part, f"part {index}", "part 0")
         shared = set(part["methods"]) & set(merged["methods"])
         if shared:
             raise ConfigError(f"part {index} repeats method(s) {sorted(shared)}; merge parts with disjoint methods.")
+        check_same_episodes(first, part, f"part {index}", "part 0")
         for task, entry in part["tasks"].items():
             merged["tasks"][task]["methods"].update(entry["methods"])
         merged["methods"].update(part["methods"])
