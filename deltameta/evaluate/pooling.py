@@ -21,7 +21,6 @@ number of steps, so a part that scored it only at step 0 serves every step.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -29,7 +28,7 @@ from typing import Any, Literal, Sequence
 from deltameta.errors import ConfigError
 from deltameta.evaluate.config import METHODS, TRAINING_METHODS
 from deltameta.evaluate.report import _diff, _task_means, check_same_episodes, comparison_pairs, mean_ci, with_verdict
-from deltameta.evaluate.runner import RESULTS_FILE
+from deltameta.evaluate.runner import load_results
 
 #: Config fields the parts of one seed must share (the episodes check covers seed, shots and query size).
 SAME_CONFIG = ("model", "quantization", "compute_dtype", "max_length")
@@ -68,23 +67,8 @@ class SeedPart:
         return cls(Path(path), names)
 
     def load(self) -> dict[str, Any]:
-        """The ``results.json`` content of this part.
-
-        Raises:
-            ConfigError: no such file, or not an evaluation's results.
-        """
-        file = self.path / RESULTS_FILE if self.path.is_dir() else self.path
-        if not file.is_file():
-            raise ConfigError(f"'{self.path}' holds no {RESULTS_FILE}; pass the output dir of a finished evaluation.")
-        try:
-            results = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ConfigError(f"'{file}' is not a JSON file ({error}).") from None
-        missing = [k for k in ("steps", "methods", "tasks") if not isinstance(results, dict) or k not in results]
-        if missing or not all(isinstance(e, dict) and "episodes" in e and "methods" in e for e in results["tasks"].values()):
-            raise ConfigError(f"'{file}' is not the results.json of a `deltameta evaluate` run "
-                              f"(missing {missing or 'tasks.*.episodes/methods'}).")
-        return results
+        """The ``results.json`` content of this part (see :func:`~deltameta.evaluate.runner.load_results`)."""
+        return load_results(self.path)
 
 
 @dataclass

@@ -701,6 +701,32 @@ def report_results(config: EvaluateConfig, out: Path, results: dict[str, Any]) -
         reporter.close()
 
 
+def load_results(path: str | Path) -> dict[str, Any]:
+    """The ``results.json`` of a finished evaluation.
+
+    Args:
+        path: The evaluation's output dir, or its ``results.json``.
+
+    Raises:
+        ConfigError: no such file, or not the results of a ``deltameta evaluate`` run.
+    """
+    import json
+
+    path = Path(path)
+    file = path / RESULTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"'{path}' holds no {RESULTS_FILE}; pass the output dir of a finished evaluation.")
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"'{file}' is not a JSON file ({error}).") from None
+    missing = [k for k in ("steps", "methods", "tasks") if not isinstance(results, dict) or k not in results]
+    if missing or not all(isinstance(e, dict) and "episodes" in e and "methods" in e for e in results["tasks"].values()):
+        raise ConfigError(f"'{file}' is not the results.json of a `deltameta evaluate` run "
+                          f"(missing {missing or 'tasks.*.episodes/methods'}).")
+    return results
+
+
 def merge_evaluations(directories: list[str], output_dir: str, overwrite: bool = False) -> dict[str, Any]:
     """Merge evaluations of different methods on the same episodes (``deltameta evaluate --merge``).
 
@@ -715,17 +741,9 @@ def merge_evaluations(directories: list[str], output_dir: str, overwrite: bool =
     Raises:
         ConfigError: a directory holds no finished evaluation, or the parts do not fit together.
     """
-    import json
-
     from deltameta.evaluate.report import merge_results
 
-    parts = []
-    for directory in directories:
-        path = Path(directory) / RESULTS_FILE
-        if not path.is_file():
-            raise ConfigError(f"'{directory}' holds no {RESULTS_FILE}; pass output dirs of finished evaluations.")
-        parts.append(json.loads(path.read_text()))
-    results = merge_results(parts)
+    results = merge_results([load_results(directory) for directory in directories])
     out = start_fresh(prepare_output_dir(output_dir, RUN_MARKERS, overwrite, "evaluate"), RUN_MARKERS)
     atomic_write_json(out / RESULTS_FILE, results)
     atomic_write_text(out / TABLE_FILE, markdown_table(results))
