@@ -7,7 +7,7 @@ sessions and resumed):
     python benchmarks/study.py --name fomaml-lora [--bigbench ../shared/data/bigbench-lite] \
         [--out runs/study] [--stages meta,multitask,eval-rules,eval-families,eval-dev,report] \
         [--heldout-families kv_lookup] [--mix-builtin kv_lookup] [--eval "max_tasks=12 episodes=4"] \
-        -- algorithm=fomaml delta=lora controller=none inner_steps=2
+        [--checkpoint best] -- algorithm=fomaml delta=lora controller=none inner_steps=2
 
 For one configuration (the ``key=value`` overrides after ``--`` go to both meta-trainings):
 
@@ -27,7 +27,9 @@ For one configuration (the ``key=value`` overrides after ``--`` go to both meta-
    ``OUT/study.md`` and printed.
 
 Every method of an evaluation runs on the same episodes; the meta-adapter is adapted with the inner
-loop it was meta-trained for (the evaluate command's default). ``--model tiny-random-llama`` with
+loop it was meta-trained for (the evaluate command's default). ``--checkpoint best`` evaluates both
+meta-trainings' ``best/`` state (lowest validation query loss after adaptation; it needs validation,
+e.g. ``val_holdout=0.125 val_holdout_unit=task eval_every=10`` after ``--``) instead of ``final/``. ``--model tiny-random-llama`` with
 ``--smoke`` runs the whole pipeline in seconds (the test suite does this).
 """
 
@@ -131,11 +133,15 @@ def mixed_splits(out: Path, bigbench: str, families: list[str]) -> dict[str, str
 
 
 def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool,
-                heldout_families: list[str] | None = None) -> dict[str, dict[str, Any]]:
+                heldout_families: list[str] | None = None, checkpoint: str = "final") -> dict[str, dict[str, Any]]:
     """The evaluate overrides of each evaluation stage (only those that apply).
 
+    Args:
+        checkpoint: ``final`` evaluates the two runs (their final state); ``best`` their ``best/`` state.
+
     Raises:
-        SystemExit: a family of ``heldout_families`` is one the meta-train read.
+        SystemExit: a family of ``heldout_families`` is one the meta-train read, or a run has no
+            ``best/`` state to evaluate.
     """
     families, per_family, examples, seed = _train_families(meta_run)
     new_rules = [f"{family}__{i:03d}" for family in families for i in range(per_family, 2 * per_family)]
@@ -159,8 +165,15 @@ def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool,
     if bigbench:
         stages["eval-dev"] = {"tasks": bigbench, "splits": str(Path(bigbench) / "splits.json"), "split": "dev",
                               "seed": seed}
+    adapters = {"adapter": meta_run, "multitask_adapter": out / "multitask"}
+    if checkpoint == "best":
+        adapters = {key: run / "best" for key, run in adapters.items()}
+        missing = [str(path) for path in adapters.values() if not (path / "delta_config.json").is_file()]
+        if missing:
+            raise SystemExit(f"--checkpoint best: no best/ meta-state in {', '.join(missing)}; it is kept only when "
+                             "the meta-train validates (val_split, or val_holdout with eval_every).")
     for keys in stages.values():
-        keys.update(adapter=str(meta_run), multitask_adapter=str(out / "multitask"))
+        keys.update({key: str(path) for key, path in adapters.items()})
         if smoke:
             keys.update(SMOKE_EVAL)
     return stages
@@ -215,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix-builtin", default="",
                         help="comma-separated built-in families to meta-train on beside BIG-bench meta_train "
                              "(needs --bigbench; dev stays unseen)")
+    parser.add_argument("--checkpoint", choices=("final", "best"), default="final",
+                        help="which state of the two meta-trainings to evaluate: final/, or best/ (lowest validation "
+                             "query loss after adaptation; needs validation in both)")
     parser.add_argument("overrides", nargs="*", help="key=value meta-train overrides (after --)")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [s for s in stages if s.startswith("eval-")]
     if wanted:
         available = evaluations(out, out / "meta", args.bigbench, args.smoke,
-                                [f for f in args.heldout_families.split(",") if f])
+                                [f for f in args.heldout_families.split(",") if f], args.checkpoint)
         if explicit and "eval-rules" in wanted and "eval-rules" not in available:
             parser.error("stage eval-rules does not apply: the meta-train read no built-in family "
                          "(its trained stages are kept; drop eval-rules from --stages)")

@@ -158,6 +158,29 @@ def test_bad_config_values(tmp_path):
         build_config(MetaTrainConfig, overrides=["ops=[skip, lora-x]"])
 
 
+@pytest.mark.parametrize("unit", ["family", "task"])
+def test_val_holdout_validates_on_unseen_families_or_on_new_tasks_of_seen_families(tmp_path, unit):
+    from deltameta.meta.data import load_splits
+
+    config = tiny_config(tmp_path, val_holdout=0.34, val_holdout_unit=unit)
+    splits = load_splits(config)
+    assert not set(splits.train.names) & set(splits.validation.names)
+    assert len(splits.train) + len(splits.validation) == 6  # two train families of 3 tasks; validation split unused
+    assert splits.names["train"] == len(splits.train) and splits.names["train-holdout"] == len(splits.validation)
+    if unit == "family":
+        assert not set(splits.train.families) & set(splits.validation.families)
+    else:
+        assert splits.train.families == splits.validation.families and len(splits.validation) == 2
+
+
+def test_val_holdout_by_task_refuses_families_of_one_task(tmp_path):
+    from deltameta.meta.data import load_splits
+
+    config = tiny_config(tmp_path, val_holdout=0.2, val_holdout_unit="task", builtin_tasks_per_family=1)
+    with pytest.raises(ConfigError, match="val_holdout_unit=task: .*single task.*val_holdout_unit=family"):
+        load_splits(config)
+
+
 def test_shots_larger_than_tasks_allow(tmp_path):
     config = tiny_config(tmp_path, shots=7, query_size=4)
     with pytest.raises(ConfigError, match=r"shots=7 \+ query_size=4 = 11 .*largest: 8 examples"):

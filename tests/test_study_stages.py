@@ -56,6 +56,17 @@ def test_heldout_families_refuses_a_meta_trained_family(study, meta_run, tmp_pat
         study.evaluations(tmp_path, meta_run, None, smoke=False, heldout_families=["kv_lookup", "word_category"])
 
 
+def test_checkpoint_best_evaluates_both_runs_best_state_and_refuses_without_one(study, meta_run, tmp_path):
+    with pytest.raises(SystemExit, match=r"--checkpoint best: no best/ meta-state in .*meta/best, .*multitask/best"):
+        study.evaluations(tmp_path, meta_run, None, smoke=False, checkpoint="best")
+    for run in (meta_run, tmp_path / "multitask"):
+        (run / "best").mkdir(parents=True)
+        (run / "best" / "delta_config.json").write_text("{}")
+    for keys in study.evaluations(tmp_path, meta_run, None, smoke=False, checkpoint="best").values():
+        assert keys["adapter"] == str(meta_run / "best")
+        assert keys["multitask_adapter"] == str(tmp_path / "multitask" / "best")
+
+
 def test_a_mixed_run_gets_new_rules_of_its_builtin_families_only(study, tmp_path):
     """A run that read built-in families beside BIG-bench tasks: eval-rules names only the built-in ones."""
     bigbench = REPO / "tests" / "fixtures" / "tasks" / "bigbench"

@@ -91,6 +91,31 @@ def test_split_by_ratio_string_and_errors(builtin):
         builtin.split_by_ratio({"train": -1.0})
 
 
+@pytest.mark.parametrize("fraction, held_per_family", [(0.125, 1), (0.25, 1), (0.5, 2), (0.9, 2)])
+def test_hold_out_tasks_takes_some_tasks_of_every_family(builtin, fraction, held_per_family):
+    """New tasks of seen families: every family keeps tasks and gives round(fraction * 3), clamped to [1, 2]."""
+    kept, held = builtin.hold_out_tasks(fraction, seed=4)
+    assert not set(kept.names) & set(held.names) and len(kept) + len(held) == len(builtin)
+    assert kept.families == held.families == builtin.families
+    assert all(len(tasks) == held_per_family for tasks in held.by_family().values())
+    assert [n for n in builtin.names if n in set(held.names)] == held.names  # collection order kept
+    assert builtin.hold_out_tasks(fraction, seed=4)[1].names == held.names  # seeded
+    others = {tuple(builtin.hold_out_tasks(fraction, seed=s)[1].names) for s in range(5, 10)}
+    assert held_per_family == 2 or len(others | {tuple(held.names)}) > 1  # the seed chooses which
+
+
+def test_hold_out_tasks_keeps_single_task_families_and_refuses_when_none_has_two():
+    collection = TaskCollection([make_task("a1", 8, family="a"), make_task("a2", 8, family="a"),
+                                 make_task("b1", 8, family="b")])
+    kept, held = collection.hold_out_tasks(0.5, seed=0)
+    assert len(held) == 1 and held.families == ["a"] and "b1" in kept
+    with pytest.raises(DataError, match="every one of the 2 families has a single task"):
+        TaskCollection([make_task("a1", 8, family="a"), make_task("b1", 8, family="b")]).hold_out_tasks(0.5)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ConfigError, match=f"hold-out fraction {bad}: expected a fraction in \\(0, 1\\)"):
+            collection.hold_out_tasks(bad)
+
+
 def test_filter_min_examples_warns_and_errors():
     collection = TaskCollection([make_task("a", 10), make_task("b", 3), make_task("c", 2)])
     with pytest.warns(UserWarning, match=r"skipping 2 of 3 tasks with fewer than 5 examples: b \(3\), c \(2\)"):

@@ -31,7 +31,9 @@ class MetaTrainConfig(BaseModelKeys):
     splits: str = field("train=0.75,validation=0.25", "a splits.json path or family ratios like train=0.8,validation=0.2")
     train_split: str = field("train", "split used for meta-training")
     val_split: str = field("validation", "held-out split for validation ('' to skip)")
-    val_holdout: float = field(0.0, "fraction of train_split's families held out for validation (replaces val_split when > 0)")
+    val_holdout: float = field(0.0, "fraction of train_split held out for validation (replaces val_split when > 0)")
+    val_holdout_unit: Literal["family", "task"] = field(
+        "family", "what val_holdout holds out: whole families (unseen families) or tasks of every family (new tasks of seen families)")
     builtin_tasks_per_family: int = field(16, "tasks generated per built-in family")
     builtin_examples_per_task: int = field(64, "examples per built-in task")
     task_weights: str = field("uniform", "episode task weighting: uniform, family or examples")

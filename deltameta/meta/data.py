@@ -24,7 +24,8 @@ class TaskSplits:
 
     Attributes:
         train: Meta-training tasks.
-        validation: Held-out tasks (other families), or ``None`` when no split holds any.
+        validation: Held-out tasks (other families, or other tasks of the same families with
+            ``val_holdout_unit=task``), or ``None`` when no split holds any.
         names: Split name -> number of tasks (for the run's record).
     """
 
@@ -34,7 +35,7 @@ class TaskSplits:
 
 
 def load_splits(config: Any) -> TaskSplits:
-    """Read ``config.tasks`` and split it by family into meta-train and validation.
+    """Read ``config.tasks`` and split it into meta-train and validation (by family, or by task within families).
 
     Args:
         config: A :class:`~deltameta.meta.config.MetaTrainConfig`.
@@ -60,8 +61,15 @@ def load_splits(config: Any) -> TaskSplits:
     validation = None
     train = result[config.train_split]
     if config.val_holdout > 0:
-        held = train.split_by_ratio({"train": 1 - config.val_holdout, "holdout": config.val_holdout}, seed=config.seed)
-        train, validation = held["train"], held["holdout"]
+        if config.val_holdout_unit == "task":
+            try:
+                train, validation = train.hold_out_tasks(config.val_holdout, seed=config.seed)
+            except DataError as error:
+                raise ConfigError(f"val_holdout={config.val_holdout} val_holdout_unit=task: {error} "
+                                  "Set val_holdout_unit=family to hold out whole families.") from None
+        else:
+            held = train.split_by_ratio({"train": 1 - config.val_holdout, "holdout": config.val_holdout}, seed=config.seed)
+            train, validation = held["train"], held["holdout"]
         names.update({config.train_split: len(train), f"{config.train_split}-holdout": len(validation)})
         return TaskSplits(train, validation, names)
     if config.val_split:

@@ -235,6 +235,39 @@ class TaskCollection:
             start += counts[n]
         return {n: TaskCollection(t for t in self if assignment.get(t.family) == n) for n in names}
 
+    def hold_out_tasks(self, fraction: float, seed: int = 0) -> tuple["TaskCollection", "TaskCollection"]:
+        """Hold out a fraction of every family's tasks (new tasks of seen families), not whole families.
+
+        Each family of ``n >= 2`` tasks gives ``round(fraction * n)`` of its tasks (shuffled with
+        ``seed``), at least 1 and at most ``n - 1``; a family of one task stays whole in the kept part.
+
+        Args:
+            fraction: Share of each family's tasks to hold out, in (0, 1).
+            seed: Shuffle seed.
+
+        Returns:
+            ``(kept, held_out)``, both in the collection's order.
+
+        Raises:
+            ConfigError: ``fraction`` outside (0, 1).
+            DataError: no family has two tasks, so nothing can be held out.
+        """
+        if not 0 < fraction < 1:
+            raise ConfigError(f"hold-out fraction {fraction}: expected a fraction in (0, 1).")
+        rng = random.Random(derive_seed(seed, "hold-out-tasks"))
+        held: set[str] = set()
+        for family, tasks in self.by_family().items():
+            if len(tasks) < 2:
+                continue
+            count = min(max(int(round(fraction * len(tasks))), 1), len(tasks) - 1)
+            held.update(task.name for task in rng.sample(tasks, count))
+        if not held:
+            raise DataError(
+                f"cannot hold out tasks of seen families: every one of the {len(self.families)} families has a single "
+                "task."
+            )
+        return TaskCollection(t for t in self if t.name not in held), TaskCollection(t for t in self if t.name in held)
+
 
 def parse_ratios(spec: str) -> dict[str, float]:
     """Parse ``"train=0.8,dev=0.1,test=0.1"`` into a dict.
