@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out and Path(args.out).suffix != ".md":
             raise ConfigError(f"--out {args.out}: expected a .md file (the numbers go beside it as .json).")
+        if args.smoke and args.seed:
+            raise ConfigError("--smoke pools its own tiny evaluations; drop --seed (or --smoke to pool yours).")
         if not args.smoke and not args.seed:
             raise ConfigError("name the evaluations of each seed with --seed DIR [DIR:METHODS ...] (repeat per seed).")
         args.step = args.step or ("1" if args.smoke else "2")

@@ -190,7 +190,7 @@ def _trained_step(results: dict[str, Any]) -> str:
 
 def _report_rows(name: str, stage: str, results: dict[str, Any]) -> list[str]:
     """Markdown rows: accuracy of each method at the trained step and the last step, paired differences."""
-    from deltameta.evaluate.report import _pct  # "mean ± ci" in points, no CI with one task
+    from deltameta.evaluate.report import format_pct  # "mean ± ci" in points, no CI with one task
 
     summary = results["summary"]
     trained, last = _trained_step(results), str(max(results["steps"]))
@@ -204,9 +204,9 @@ def _report_rows(name: str, stage: str, results: dict[str, Any]) -> list[str]:
             for pair, stats in summary["comparisons"].items():
                 if pair.startswith(method + " - ") and step in stats:
                     d = stats[step]
-                    diffs.append(f"{pair.split(' - ', 1)[1]} {_pct(d, signed=True)}" + ("*" if d.get("excludes_zero") else ""))
+                    diffs.append(f"{pair.split(' - ', 1)[1]} {format_pct(d, signed=True)}" + ("*" if d.get("excludes_zero") else ""))
             norm_cell = f"{100 * norm['mean']:.1f}" if norm else "n/a"
-            rows.append(f"| {name} | {stage} | {method} | {step} | {_pct(acc)} | "
+            rows.append(f"| {name} | {stage} | {method} | {step} | {format_pct(acc)} | "
                         f"{norm_cell} | {acc['n']} | {'; '.join(diffs)} |")
     return rows
 

@@ -148,3 +148,21 @@ def test_pairs_split_at_the_hyphen_between_two_methods(text, pairs):
 def test_a_pair_that_is_not_two_methods_is_refused(text):
     with pytest.raises(ConfigError, match="expected METHOD-METHOD"):
         parse_pairs(text)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--smoke", "{tmp}/x", "--seed", "y"], "--smoke pools its own tiny evaluations; drop --seed"),
+    ([], "name the evaluations of each seed with --seed"),
+    (["--seed", "y", "--out", "table.txt"], "--out table.txt: expected a .md file"),
+    (["--seed", "{tmp}/missing"], "missing' holds no results.json"),
+])
+def test_the_script_refuses_bad_arguments_with_exit_2(argv, message, tmp_path, capsys):
+    """benchmarks/pool_seeds.py: one line on stderr and exit 2, before any evaluation runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pool_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "pool_seeds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and not (tmp_path / "x").exists()

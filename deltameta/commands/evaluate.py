@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``deltameta evaluate``."""
     from deltameta.config import build_config
     from deltameta.evaluate import EvaluateConfig, run_evaluate
-    from deltameta.evaluate.report import _pct
+    from deltameta.evaluate.report import format_pct
 
     if args.merge:  # `--merge A B output_dir=X`: argparse hands the key=value words to --merge
         words = list(args.merge)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
              f"in {results['timing']['seconds']:.0f} s; accuracy % (95% CI across tasks):",
              f"{'method':<{width}}  " + "  ".join(f"{s + ' steps':>14}" for s in steps)]
     for method in results["methods"]:
-        lines.append(f"{method:<{width}}  " + "  ".join(f"{_pct(summary[method][s]):>14}" for s in steps))
+        lines.append(f"{method:<{width}}  " + "  ".join(f"{format_pct(summary[method][s]):>14}" for s in steps))
     for warning in results.get("warnings", []):
         lines.append(f"warning: {warning}")
     lines.append(f"results: {config.output_dir}/results.json, table: {config.output_dir}/results.md, plots: {config.output_dir}/plots/")

@@ -27,7 +27,8 @@ from typing import Any, Literal, Sequence
 
 from deltameta.errors import ConfigError
 from deltameta.evaluate.config import METHODS, TRAINING_METHODS
-from deltameta.evaluate.report import _diff, _task_means, check_same_episodes, comparison_pairs, mean_ci, with_verdict
+from deltameta.evaluate.report import (check_same_episodes, comparison_pairs, format_diff, mean_ci, task_means,
+                                       with_verdict)
 from deltameta.evaluate.runner import load_results
 
 #: Config fields the parts of one seed must share (the episodes check covers seed, shots and query size).
@@ -128,7 +129,7 @@ def seed_scores(parts: Sequence[SeedPart], step: int | str, key: str = "accuracy
                 if ours != theirs:
                     raise ConfigError(f"'{part.path}' was evaluated with {name}={ours}, '{parts[0].path}' with "
                                       f"{name}={theirs}; the parts of a seed must share {', '.join(SAME_CONFIG)}.")
-        means = _task_means(results, key)
+        means = task_means(results, key)
         scored = [str(s) for s in results["steps"]]
         for method in methods:
             if method in scores:
@@ -237,7 +238,7 @@ def pooled_table(pooled: dict[str, Any], labels: Sequence[str] | None = None) ->
     labels = list(labels) if labels else [f"seed {i}" for i in range(pooled["seeds"])]
     lines = ["| difference | " + " | ".join(labels) + f" | pooled ({pooled['unit']}s) |",
              "|---|" + "---|" * (len(labels) + 1)]
-    cell = lambda stats: f"{_diff(stats)} (n={stats['n']})"  # noqa: E731
+    cell = lambda stats: f"{format_diff(stats)} (n={stats['n']})"  # noqa: E731
     for name, entry in pooled["comparisons"].items():
         lines.append(f"| {name} | " + " | ".join(cell(s) for s in entry["seeds"]) + f" | {cell(entry['pooled'])} |")
     return "\n".join(lines) + "\n"

@@ -68,7 +68,7 @@ def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _task_means(results: dict[str, Any], key: str) -> dict[str, dict[str, dict[str, float]]]:
+def task_means(results: dict[str, Any], key: str) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {step: {task: mean over the task's episodes}}}`` of ``accuracy`` or ``accuracy_norm``."""
     steps = [str(s) for s in results["steps"]]
     out: dict[str, dict[str, dict[str, float]]] = {m: {s: {} for s in steps} for m in results["methods"]}
@@ -107,7 +107,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     methods = list(results["methods"])
     summary: dict[str, Any] = {"convention": "per task: mean over its episodes; then mean and Student-t 95% CI "
                                              "across tasks (differences paired per task)"}
-    per_task_by_key = {key: _task_means(results, key) for key in ("accuracy", "accuracy_norm")}
+    per_task_by_key = {key: task_means(results, key) for key in ("accuracy", "accuracy_norm")}
     for key, suffix in (("accuracy", ""), ("accuracy_norm", "_norm")):
         per_task = per_task_by_key[key]
         summary["methods" + suffix] = {m: {s: mean_ci(list(per_task[m][s].values())) for s in steps} for m in methods}
@@ -130,7 +130,7 @@ def _family_comparisons(results: dict[str, Any], per_task: dict[str, dict[str, d
     """Paired accuracy differences with the family as the unit: tasks of one family are not independent.
 
     Per family, the mean of its tasks' paired differences; then mean and Student-t 95% CI across
-    families (``n`` = families). ``per_task`` is :func:`_task_means` of ``accuracy``.
+    families (``n`` = families). ``per_task`` is :func:`task_means` of ``accuracy``.
     """
     out: dict[str, Any] = {}
     for a, b in comparison_pairs(list(results["methods"])):
@@ -144,15 +144,17 @@ def _family_comparisons(results: dict[str, Any], per_task: dict[str, dict[str, d
     return out
 
 
-def _pct(stats: dict[str, Any], signed: bool = False) -> str:
+def format_pct(stats: dict[str, Any], signed: bool = False) -> str:
+    """``"mean ± ci95"`` in points (``"-"`` without a mean, no CI with one unit); ``signed`` adds the sign."""
     if stats["mean"] is None:
         return "-"
     mean = f"{100 * stats['mean']:+.1f}" if signed else f"{100 * stats['mean']:.1f}"
     return mean if stats["ci95"] is None else f"{mean} ± {100 * stats['ci95']:.1f}"
 
 
-def _diff(stats: dict[str, Any]) -> str:
-    text = _pct(stats, signed=True)
+def format_diff(stats: dict[str, Any]) -> str:
+    """A paired difference as :func:`format_pct` (signed) plus whether its 95% CI excludes 0."""
+    text = format_pct(stats, signed=True)
     if stats.get("excludes_zero"):
         text += " **excl. 0**"
     elif stats.get("excludes_zero") is False:
@@ -221,8 +223,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     for method, info in results["methods"].items():
         cells = []
         for s in steps:
-            cells.append(_pct(summary["methods"][method][s]))
-            cells.append(_pct(norm[method][s]) if method in norm else "-")
+            cells.append(format_pct(summary["methods"][method][s]))
+            cells.append(format_pct(norm[method][s]) if method in norm else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {'yes' if info['trains'] else 'no'} |")
     by_family = summary.get("comparisons_by_family") or {}
     n_families = next((stats[s]["n"] for stats in by_family.values() for s in steps), 0)  # units summarize used
@@ -240,7 +242,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += ["", heading, "", "| difference | " + " | ".join(f"{s} steps" for s in steps) + " |",
                   "|---|" + "---|" * len(steps)]
         for name, stats in summary[key].items():
-            lines.append(f"| {name} | " + " | ".join(_diff(stats[s]) for s in steps) + " |")
+            lines.append(f"| {name} | " + " | ".join(format_diff(stats[s]) for s in steps) + " |")
     budget = results["budget"]
     adaptation = budget["adaptation"]
     lines += [
