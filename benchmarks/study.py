@@ -28,9 +28,11 @@ For one configuration (the ``key=value`` overrides after ``--`` go to both meta-
 
 Every method of an evaluation runs on the same episodes; the meta-adapter is adapted with the inner
 loop it was meta-trained for (the evaluate command's default). ``--checkpoint best`` evaluates both
-meta-trainings' ``best/`` state (lowest validation query loss after adaptation; it needs validation,
-e.g. ``val_holdout=0.125 val_holdout_unit=task eval_every=10`` after ``--``) instead of ``final/``. ``--model tiny-random-llama`` with
-``--smoke`` runs the whole pipeline in seconds (the test suite does this).
+meta-trainings' ``best/`` state (lowest validation query loss after adaptation) instead of the final
+one; it needs validation on tasks no evaluation reads, during training:
+``val_holdout=0.125 val_holdout_unit=task eval_every=10`` after ``--``, say (LoRA only: a TARP
+``best/`` has no fold statistics). ``--model tiny-random-llama`` with ``--smoke`` runs the whole
+pipeline in seconds (the test suite does this).
 """
 
 from __future__ import annotations
@@ -171,12 +173,37 @@ def evaluations(out: Path, meta_run: Path, bigbench: str | None, smoke: bool,
         missing = [str(path) for path in adapters.values() if not (path / "delta_config.json").is_file()]
         if missing:
             raise SystemExit(f"--checkpoint best: no best/ meta-state in {', '.join(missing)}; it is kept only when "
-                             "the meta-train validates (val_split, or val_holdout with eval_every).")
+                             "the meta-train validates (val_holdout > 0 with eval_every > 0).")
     for keys in stages.values():
         keys.update({key: str(path) for key, path in adapters.items()})
         if smoke:
             keys.update(SMOKE_EVAL)
     return stages
+
+
+def _check_selection_keys(parser: argparse.ArgumentParser, keys: dict[str, Any]) -> None:
+    """Refuse ``--checkpoint best`` unless both meta-trainings validate, during training, on tasks no evaluation reads."""
+    from deltameta.meta.config import MetaTrainConfig
+
+    if float(keys.get("val_holdout", 0) or 0) <= 0:
+        parser.error("--checkpoint best needs val_holdout > 0 after -- (e.g. val_holdout=0.125 val_holdout_unit=task): "
+                     "the study's validation split is what eval-families evaluates, so selecting on it would leak.")
+    if int(keys.get("eval_every", 0) or 0) <= 0:
+        parser.error("--checkpoint best needs eval_every > 0 after --: with eval_every=0 the only validation is at "
+                     "the last step, so best/ would be the final state.")
+    if str(keys.get("delta", MetaTrainConfig.delta)) == "tarp":
+        parser.error("--checkpoint best: a TARP run's best/ has no fold statistics, so its static export would fold "
+                     "on a default text; use delta=lora, or --checkpoint final.")
+
+
+def _check_evaluated(results_file: Path, eval_keys: dict[str, Any], checkpoint: str) -> None:
+    """Refuse to reuse an evaluation of other adapters (e.g. of final/ when ``--checkpoint best`` is asked)."""
+    config = json.loads(results_file.read_text(encoding="utf-8")).get("config", {})
+    for key in ("adapter", "multitask_adapter"):
+        recorded = config.get(key)
+        if recorded is not None and Path(str(recorded)) != Path(str(eval_keys[key])):
+            raise SystemExit(f"{results_file} evaluated {key}={recorded}, not {eval_keys[key]} (--checkpoint "
+                             f"{checkpoint}); remove {results_file.parent} to evaluate again, or use another --name.")
 
 
 def _trained_step(results: dict[str, Any]) -> str:
@@ -252,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--mix-builtin needs --bigbench (the BIG-bench meta_train tasks it mixes with)")
         keys.update(mixed_splits(out, args.bigbench, [f for f in args.mix_builtin.split(",") if f]))
     keys.update(_override_dict(args.overrides))
+    if args.checkpoint == "best":
+        _check_selection_keys(parser, keys)
     timings = {}
     for run in ("meta", "multitask"):
         if run in stages and not (out / run / "final").exists():
@@ -270,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("stage eval-rules does not apply: the meta-train read no built-in family "
                          "(its trained stages are kept; drop eval-rules from --stages)")
         for stage, eval_keys in available.items():
-            if stage in wanted and not (out / stage / "results.json").exists():
+            if stage in wanted and (out / stage / "results.json").exists():
+                _check_evaluated(out / stage / "results.json", eval_keys, args.checkpoint)
+            elif stage in wanted:
                 if args.model and not args.smoke:
                     eval_keys["model"] = args.model
                 eval_keys.update(_override_dict(args.eval.split()))
@@ -284,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         for stage in ("eval-rules", "eval-families", "eval-dev"):
             path = out / stage / "results.json"
             if path.exists():
-                rows += _report_rows(args.name, stage, json.loads(path.read_text(encoding="utf-8")))
+                results = json.loads(path.read_text(encoding="utf-8"))
+                state = Path(str(results.get("config", {}).get("adapter", ""))).name == "best"
+                rows += _report_rows(args.name, stage + (" (best/)" if state else ""), results)
         header = ["| config | evaluation | method | step | accuracy % ± 95% CI | acc_norm % | tasks | "
                   "paired differences, points ± 95% CI (* excludes 0) |", "|---|---|---|---|---|---|---|---|"]
         text = "\n".join(header + rows) + "\n"

@@ -31,7 +31,8 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     # best/ states of runs validated on a held-out kv_lookup rule (BIG-bench tasks, one per family, stay)
     "study.py": (["--name", "smoke", "--smoke", "--out", "{tmp}", "--bigbench", "tests/fixtures/tasks/bigbench",
                   "--mix-builtin", "kv_lookup", "--checkpoint", "best", "--",
-                  "val_holdout=0.5", "val_holdout_unit=task", "eval_every=1"], "| smoke | eval-dev | meta |"),
+                  "val_holdout=0.5", "val_holdout_unit=task", "eval_every=1", "delta=lora"],
+                 "| smoke | eval-dev (best/) | meta |"),
     # seed 0's ICL comes from a second evaluation scored at step 0 only: the parts of a seed combine
     "pool_seeds.py": (["--smoke", "{tmp}", "--pairs", "fresh-lora-zero-shot,fresh-lora-icl"], "(n=4) |\n"),
     "tarp_fold.py": (["--model", "tiny-random-llama", "--val-episodes", "2"], "| least squares |"),

@@ -244,6 +244,27 @@ def test_preparation_counts_the_passes_each_algorithm_runs(tmp_path, algorithm, 
     assert line.endswith("x (2 + 1 forward-only) passes)" if forwards else "x (2 + 1) passes)")
 
 
+def test_preparation_of_a_best_state_counts_the_steps_it_saw(tmp_path):
+    """best/ of a 4-step run saved at step 2: its passes and tokens are those of steps 1-2, not the run's."""
+    import json
+
+    import yaml
+
+    from deltameta.finetune.adapters import read_preparation
+
+    config = dict(algorithm="metasgd", outer_steps=4, meta_batch_size=2, inner_steps=2, shots=4, query_size=4)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"kind": "train", "step": step, "tokens": 10 * step} for step in (1, 2, 3, 4)]
+    rows.insert(2, {"kind": "validation", "step": 2, "query_after": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "meta_state.json").write_text(json.dumps({"config": config, "step": 2}))
+    best = read_preparation(tmp_path, tmp_path / "best")
+    assert (best["outer_steps"], best["forward_backward_passes"], best["tokens"]) == (2, 2 * 2 * 3, 10 + 20)
+    whole = read_preparation(tmp_path, None)
+    assert (whole["outer_steps"], whole["forward_backward_passes"], whole["tokens"]) == (4, 4 * 2 * 3, 100)
+
+
 def test_parity_reads_the_meta_adapter_from_meta_dynamic_when_meta_is_not_evaluated():
     """A task-controller study evaluates only meta-dynamic (per-episode structure); its parity is still known."""
     assert preparation_parity({"multitask": {"forward_backward_passes": 720},

@@ -179,6 +179,8 @@ def test_val_holdout_by_task_refuses_families_of_one_task(tmp_path):
     config = tiny_config(tmp_path, val_holdout=0.2, val_holdout_unit="task", builtin_tasks_per_family=1)
     with pytest.raises(ConfigError, match="val_holdout_unit=task: .*single task.*val_holdout_unit=family"):
         load_splits(config)
+    with pytest.raises(ConfigError, match="val_holdout_unit=task needs val_holdout > 0"):
+        tiny_config(tmp_path, val_holdout_unit="task")
 
 
 def test_shots_larger_than_tasks_allow(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,29 @@ def test_checkpoint_best_evaluates_both_runs_best_state_and_refuses_without_one(
     for keys in study.evaluations(tmp_path, meta_run, None, smoke=False, checkpoint="best").values():
         assert keys["adapter"] == str(meta_run / "best")
         assert keys["multitask_adapter"] == str(tmp_path / "multitask" / "best")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["eval_every=10"], "needs val_holdout > 0"),  # the study's validation split is what eval-families reads
+    (["val_holdout=0.125", "val_holdout_unit=task"], "needs eval_every > 0"),
+    (["val_holdout=0.125", "eval_every=10"], "TARP run's best/ has no fold statistics"),  # delta defaults to tarp
+])
+def test_checkpoint_best_is_refused_before_training_without_a_clean_selection(study, tmp_path, monkeypatch, capsys,
+                                                                              overrides, message):
+    calls = []
+    monkeypatch.setattr(study, "_deltameta", lambda args, log, append=False: calls.append(args) or 1.0)
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--name", "b", "--out", str(tmp_path), "--checkpoint", "best", "--", *overrides])
+    assert stop.value.code == 2 and message in capsys.readouterr().err and not calls
+
+
+def test_an_evaluation_of_other_adapters_is_not_reused(study, tmp_path):
+    done = tmp_path / "eval-families" / "results.json"
+    done.parent.mkdir()
+    done.write_text(json.dumps({"config": {"adapter": "r/meta", "multitask_adapter": "r/multitask"}}))
+    study._check_evaluated(done, {"adapter": "r/meta", "multitask_adapter": "r/multitask"}, "final")  # the same: reused
+    with pytest.raises(SystemExit, match=r"evaluated adapter=r/meta, not r/meta/best \(--checkpoint best\); remove"):
+        study._check_evaluated(done, {"adapter": "r/meta/best", "multitask_adapter": "r/multitask/best"}, "best")
 
 
 def test_a_mixed_run_gets_new_rules_of_its_builtin_families_only(study, tmp_path):

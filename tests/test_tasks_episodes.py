@@ -104,6 +104,18 @@ def test_hold_out_tasks_takes_some_tasks_of_every_family(builtin, fraction, held
     assert held_per_family == 2 or len(others | {tuple(held.names)}) > 1  # the seed chooses which
 
 
+def test_a_family_loses_the_same_tasks_whichever_other_families_are_present(builtin):
+    alone = builtin.subset(["linear"]).hold_out_tasks(0.34, seed=2)[1].names
+    assert [n for n in builtin.hold_out_tasks(0.34, seed=2)[1].names if n.startswith("linear__")] == alone
+
+
+@pytest.mark.parametrize(("size", "held"), [(4, 1), (12, 2), (20, 3), (3, 1)])
+def test_hold_out_tasks_rounds_half_up(size, held):
+    """0.125 of 4 tasks is 0.5 -> 1, of 12 is 1.5 -> 2, of 20 is 2.5 -> 3 (not banker's rounding)."""
+    collection = TaskCollection([make_task(f"f{i}", 8, family="f") for i in range(size)])
+    assert len(collection.hold_out_tasks(0.125)[1]) == held
+
+
 def test_hold_out_tasks_keeps_single_task_families_and_refuses_when_none_has_two():
     collection = TaskCollection([make_task("a1", 8, family="a"), make_task("a2", 8, family="a"),
                                  make_task("b1", 8, family="b")])
@@ -111,6 +123,8 @@ def test_hold_out_tasks_keeps_single_task_families_and_refuses_when_none_has_two
     assert len(held) == 1 and held.families == ["a"] and "b1" in kept
     with pytest.raises(DataError, match="every one of the 2 families has a single task"):
         TaskCollection([make_task("a1", 8, family="a"), make_task("b1", 8, family="b")]).hold_out_tasks(0.5)
+    with pytest.raises(DataError, match="the collection is empty"):
+        TaskCollection().hold_out_tasks(0.5)
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ConfigError, match=f"hold-out fraction {bad}: expected a fraction in \\(0, 1\\)"):
             collection.hold_out_tasks(bad)

@@ -37,7 +37,8 @@ class AdapterSource:
         peft_dir: Directory with ``adapter_config.json`` + ``adapter_model.safetensors`` (``None``
             until a meta-state without export is exported; see :func:`ensure_peft_dir`).
         run_dir: The meta-training run it came from, if known.
-        meta_state: Its meta-state directory (``RUN_DIR/final``), if known.
+        meta_state: Its meta-state directory (``RUN_DIR/final``, or the ``best/`` or checkpoint state
+            given), if known.
         base_model_name_or_path: The base the adapter was made for.
         has_sidecar: Whether the export carries TARP's dynamic part.
         algorithm: The meta-train algorithm (``fomaml``, ``multitask``, ...), if known.
@@ -97,7 +98,8 @@ def read_preparation(run_dir: Path | None, meta_state: Path | None) -> dict[str,
     passes per task (the support passes plus one query pass), ``meta_batch_size`` tasks per outer
     step, except ``reptile`` without a controller: its query pass is a forward only (the loss is
     logged, nothing is back-propagated), counted in ``forward_passes``. Tokens are summed from the
-    run's ``metrics.jsonl`` when present.
+    run's ``metrics.jsonl`` when present, up to the meta-state's step (a ``best/`` state of a longer
+    run counts the steps it saw).
 
     Args:
         run_dir: The run directory (``config.yaml``, ``metrics.jsonl``), or ``None``.
@@ -141,8 +143,11 @@ def read_preparation(run_dir: Path | None, meta_state: Path | None) -> dict[str,
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("kind") == "train" and isinstance(row.get("tokens"), (int, float)):
-                total += int(row["tokens"])
+            if row.get("kind") != "train" or not isinstance(row.get("tokens"), (int, float)):
+                continue
+            if isinstance(steps_done, int) and isinstance(row.get("step"), int) and row["step"] > steps_done:
+                continue  # a best/ state of a longer run: its own steps only
+            total += int(row["tokens"])
         tokens = total or None
     info["tokens"] = tokens
     info["source"] = str(run_dir or meta_state) if (run_dir or meta_state) else None

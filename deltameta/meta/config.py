@@ -126,6 +126,9 @@ class MetaTrainConfig(BaseModelKeys):
             raise ConfigError(f"budget_target={self.budget_target}: expected a fraction in (0, 1].")
         if not 0 <= self.val_holdout < 1:
             raise ConfigError(f"val_holdout={self.val_holdout}: expected a fraction in [0, 1).")
+        if self.val_holdout_unit == "task" and self.val_holdout == 0:
+            raise ConfigError("val_holdout_unit=task needs val_holdout > 0 (the fraction of every family's tasks "
+                              "to validate on), e.g. val_holdout=0.125.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected a fraction in [0, 1].")
         if self.task_weights not in ("uniform", "family", "examples"):

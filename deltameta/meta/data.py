@@ -67,6 +67,9 @@ def load_splits(config: Any) -> TaskSplits:
             except DataError as error:
                 raise ConfigError(f"val_holdout={config.val_holdout} val_holdout_unit=task: {error} "
                                   "Set val_holdout_unit=family to hold out whole families.") from None
+            whole = len(set(train.families) - set(validation.families))
+            logger.info("validation: %d tasks of %d families held out of %s (families of one task, kept whole: %d)",
+                        len(validation), len(validation.families), config.train_split, whole)
         else:
             held = train.split_by_ratio({"train": 1 - config.val_holdout, "holdout": config.val_holdout}, seed=config.seed)
             train, validation = held["train"], held["holdout"]

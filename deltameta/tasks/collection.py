@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import random
 import warnings
 from collections import OrderedDict
@@ -238,8 +239,9 @@ class TaskCollection:
     def hold_out_tasks(self, fraction: float, seed: int = 0) -> tuple["TaskCollection", "TaskCollection"]:
         """Hold out a fraction of every family's tasks (new tasks of seen families), not whole families.
 
-        Each family of ``n >= 2`` tasks gives ``round(fraction * n)`` of its tasks (shuffled with
-        ``seed``), at least 1 and at most ``n - 1``; a family of one task stays whole in the kept part.
+        Each family of ``n >= 2`` tasks gives ``fraction * n`` of its tasks rounded half up, at least 1
+        and at most ``n - 1``, drawn with ``seed`` and the family's name (so a family loses the same
+        tasks whichever other families are present); a family of one task stays whole in the kept part.
 
         Args:
             fraction: Share of each family's tasks to hold out, in (0, 1).
@@ -254,18 +256,17 @@ class TaskCollection:
         """
         if not 0 < fraction < 1:
             raise ConfigError(f"hold-out fraction {fraction}: expected a fraction in (0, 1).")
-        rng = random.Random(derive_seed(seed, "hold-out-tasks"))
         held: set[str] = set()
         for family, tasks in self.by_family().items():
             if len(tasks) < 2:
                 continue
-            count = min(max(int(round(fraction * len(tasks))), 1), len(tasks) - 1)
+            count = min(max(math.floor(fraction * len(tasks) + 0.5), 1), len(tasks) - 1)
+            rng = random.Random(derive_seed(seed, "hold-out-tasks", family))
             held.update(task.name for task in rng.sample(tasks, count))
         if not held:
-            raise DataError(
-                f"cannot hold out tasks of seen families: every one of the {len(self.families)} families has a single "
-                "task."
-            )
+            reason = "the collection is empty" if not len(self) else \
+                f"every one of the {len(self.families)} families has a single task"
+            raise DataError(f"cannot hold out tasks of seen families: {reason}.")
         return TaskCollection(t for t in self if t.name not in held), TaskCollection(t for t in self if t.name in held)
 
 
