@@ -201,7 +201,7 @@ def _check_evaluated(results_file: Path, eval_keys: dict[str, Any], checkpoint: 
     config = json.loads(results_file.read_text(encoding="utf-8")).get("config", {})
     for key in ("adapter", "multitask_adapter"):
         recorded = config.get(key)
-        if recorded is not None and Path(str(recorded)) != Path(str(eval_keys[key])):
+        if recorded is not None and Path(str(recorded)).resolve() != Path(str(eval_keys[key])).resolve():
             raise SystemExit(f"{results_file} evaluated {key}={recorded}, not {eval_keys[key]} (--checkpoint "
                              f"{checkpoint}); remove {results_file.parent} to evaluate again, or use another --name.")
 

@@ -87,6 +87,8 @@ def test_an_evaluation_of_other_adapters_is_not_reused(study, tmp_path):
     done.parent.mkdir()
     done.write_text(json.dumps({"config": {"adapter": "r/meta", "multitask_adapter": "r/multitask"}}))
     study._check_evaluated(done, {"adapter": "r/meta", "multitask_adapter": "r/multitask"}, "final")  # the same: reused
+    study._check_evaluated(done, {"adapter": str(Path("r/meta").resolve()), "multitask_adapter": "r/./multitask"},
+                           "final")  # the same folders, written otherwise
     with pytest.raises(SystemExit, match=r"evaluated adapter=r/meta, not r/meta/best \(--checkpoint best\); remove"):
         study._check_evaluated(done, {"adapter": "r/meta/best", "multitask_adapter": "r/multitask/best"}, "best")
 
