@@ -185,10 +185,15 @@ def _check_selection_keys(parser: argparse.ArgumentParser, keys: dict[str, Any])
     """Refuse ``--checkpoint best`` unless both meta-trainings validate, during training, on tasks no evaluation reads."""
     from deltameta.meta.config import MetaTrainConfig
 
-    if float(keys.get("val_holdout", 0) or 0) <= 0:
+    try:
+        holdout, every = float(keys.get("val_holdout", 0) or 0), int(keys.get("eval_every", 0) or 0)
+    except ValueError:
+        parser.error(f"val_holdout={keys.get('val_holdout')} eval_every={keys.get('eval_every')}: expected a "
+                     "fraction and an integer.")
+    if holdout <= 0:
         parser.error("--checkpoint best needs val_holdout > 0 after -- (e.g. val_holdout=0.125 val_holdout_unit=task): "
                      "the study's validation split is what eval-families evaluates, so selecting on it would leak.")
-    if int(keys.get("eval_every", 0) or 0) <= 0:
+    if every <= 0:
         parser.error("--checkpoint best needs eval_every > 0 after --: with eval_every=0 the only validation is at "
                      "the last step, so best/ would be the final state.")
     if str(keys.get("delta", MetaTrainConfig.delta)) == "tarp":

@@ -72,6 +72,7 @@ def test_checkpoint_best_evaluates_both_runs_best_state_and_refuses_without_one(
     (["eval_every=10"], "needs val_holdout > 0"),  # the study's validation split is what eval-families reads
     (["val_holdout=0.125", "val_holdout_unit=task"], "needs eval_every > 0"),
     (["val_holdout=0.125", "eval_every=10"], "TARP run's best/ has no fold statistics"),  # delta defaults to tarp
+    (["val_holdout=some", "eval_every=10"], "val_holdout=some eval_every=10: expected a fraction and an integer"),
 ])
 def test_checkpoint_best_is_refused_before_training_without_a_clean_selection(study, tmp_path, monkeypatch, capsys,
                                                                               overrides, message):
