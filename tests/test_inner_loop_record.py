@@ -172,6 +172,26 @@ def test_evaluate_records_what_each_method_used_and_flags_mismatch(tmp_path, met
         assert all(isinstance(v, float) for v in entry["methods"]["meta-dynamic"]["query_loss"]["2"])
 
 
+def test_evaluate_shots_default_to_the_recorded_ones(tmp_path, metasgd_run):
+    """``shots=null`` (the default) draws episodes of the meta-adapter's recorded k; a value overrides it, flagged."""
+    values = dict(TINY, **EVAL_TASKS, adapter=str(metasgd_run), methods=["meta"], episodes=1, query_size=2,
+                  max_length=96, steps=[0, 1])
+    assert build_config(EvaluateConfig, overrides=dict(values, output_dir=str(tmp_path / "a"))).shots is None
+    recorded = Evaluator(build_config(EvaluateConfig, overrides=dict(values, output_dir=str(tmp_path / "a"))),
+                         tmp_path / "a")
+    assert recorded.config.shots == 2, "the run was meta-trained with shots=2"
+    assert recorded.inner_loops["meta"]["mismatch"] == []
+    episode = recorded.episodes_of(recorded.tasks[0])[0]
+    assert len(episode.support) == 2
+    given = Evaluator(build_config(EvaluateConfig, overrides=dict(values, shots=3, output_dir=str(tmp_path / "b"))),
+                      tmp_path / "b")
+    assert given.config.shots == 3 and len(given.episodes_of(given.tasks[0])[0].support) == 3
+    assert given.inner_loops["meta"]["mismatch"] == ["shots 3 (trained with 2)"]
+    without = dict(values, methods=["zero-shot"], output_dir=str(tmp_path / "c"))
+    del without["adapter"]
+    assert Evaluator(build_config(EvaluateConfig, overrides=without), tmp_path / "c").config.shots == 4
+
+
 def test_older_export_without_deltameta_json_still_loads(tmp_path, meta_adapter_runs):
     """An export without deltameta.json rebuilds from its sidecar: the same model as load_meta_adapter."""
     from deltameta.base import load_base

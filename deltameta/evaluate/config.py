@@ -48,7 +48,9 @@ class EvaluateConfig(BaseModelKeys):
     builtin_examples_per_task: int = field(64, "examples per built-in task")
     methods: list[str] = field([], f"methods to compare ({', '.join(METHODS)}); default: every one whose adapter is given")
     episodes: int = field(5, "episodes per task (different support/query draws)")
-    shots: int = field(4, "support examples per episode (k)")
+    shots: int | None = field(
+        None, "support examples per episode (k); null = the meta-adapter's recorded shots, as its inner loop was "
+        "meta-trained (4 without a meta-adapter or a record)")
     query_size: int = field(16, "query examples per episode (a task with fewer than shots + query_size examples gets the rest)")
     balanced: bool = field(False, "class-balanced support/query for multiple choice")
     max_length: int = field(256, "maximum tokens per example")
@@ -102,12 +104,12 @@ class EvaluateConfig(BaseModelKeys):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 1.")
         for key in ("shots", "max_tasks", "icl_max_length", "rank"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
         if not self.steps or any(s < 0 for s in self.steps):
             raise ConfigError(f"steps={self.steps}: expected a non-empty list of integers >= 0, e.g. [0, 5, 10].")
         self.steps = sorted(set(self.steps))
-        if self.shots == 0 and max(self.steps) > 0:
+        if self.shots == 0 and max(self.steps) > 0:  # null is resolved from the meta-adapter (>= 1)
             raise ConfigError(f"shots=0 leaves nothing to adapt on, but steps={self.steps}; use steps=[0] or shots >= 1.")
         if self.inner_lr is not None and self.inner_lr <= 0:
             raise ConfigError(f"inner_lr={self.inner_lr}: expected a positive number, or null for the meta-adapter's.")

@@ -51,6 +51,26 @@ RUN_MARKERS = (RESULTS_FILE, TABLE_FILE, "run.json", "config.yaml")
 PEFT_NAME = {"fresh-lora": "fresh_lora", "multitask": "multitask", "meta": "meta", "meta-dynamic": "meta"}
 #: The adaptation used without a recorded inner loop (and without overrides).
 DEFAULT_INNER = {"optimizer": "sgd", "lr": 0.05, "clip": 1.0}
+#: Support examples per episode (k) without ``shots`` and without a meta-adapter's record of them.
+DEFAULT_SHOTS = 4
+
+
+def recorded_shots(paths: dict[str, str]) -> int:
+    """The default of ``shots=null``: the meta-adapter's recorded shots, else :data:`DEFAULT_SHOTS`.
+
+    Args:
+        paths: ``EvaluateConfig.adapter_paths()`` (the meta-adapter, if any, under ``meta``).
+
+    Raises:
+        ConfigError: the meta-adapter cannot be found (named, as the evaluation itself would).
+    """
+    if "meta" not in paths:
+        return DEFAULT_SHOTS
+    record, _ = recorded_inner_loop(resolve_adapter(paths["meta"], "meta adapter"))
+    if record is None or not record.shots:
+        return DEFAULT_SHOTS
+    logger.info("shots=%d: the meta-adapter's recorded support size (shots=null)", record.shots)
+    return int(record.shots)
 
 
 def spread_over_families(tasks: list[Any], count: int, seed: int) -> list[Any]:
@@ -122,8 +142,10 @@ class Evaluator:
         self.config = c = config
         self.out = out
         self.warnings: list[str] = []
-        self.tasks = self._load_tasks()
         paths = c.adapter_paths()
+        if c.shots is None:
+            c.shots = recorded_shots(paths)
+        self.tasks = self._load_tasks()
         self.methods = self._choose_methods(paths)
         kinds = sorted({ADAPTER_OF[m] for m in self.methods if m in ADAPTER_OF})
         resolved = {kind: resolve_adapter(paths[kind], f"{kind} adapter") for kind in kinds}  # fail before loading
