@@ -201,6 +201,18 @@ def _check_selection_keys(parser: argparse.ArgumentParser, keys: dict[str, Any])
                      "on a default text; use delta=lora, or --checkpoint final.")
 
 
+def _check_eval_overrides(parser: argparse.ArgumentParser, overrides: list[str]) -> None:
+    """Refuse ``--eval`` overrides that ``deltameta evaluate`` would refuse, before any training."""
+    from deltameta.config import build_config
+    from deltameta.errors import ConfigError
+    from deltameta.evaluate import EvaluateConfig
+
+    try:
+        build_config(EvaluateConfig, overrides=overrides)
+    except ConfigError as error:
+        parser.error(f"--eval: {error}")
+
+
 def _check_evaluated(results_file: Path, eval_keys: dict[str, Any], checkpoint: str) -> None:
     """Refuse to reuse an evaluation of other adapters (e.g. of final/ when ``--checkpoint best`` is asked)."""
     config = json.loads(results_file.read_text(encoding="utf-8")).get("config", {})
@@ -272,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     explicit = args.stages != ",".join(STAGES)  # the default runs the evaluations that apply
     if explicit and "eval-dev" in stages and not args.bigbench:
         parser.error("stage eval-dev needs --bigbench (the bigbench-lite folder with splits.json)")
+    for words, where in ((args.overrides, "after --"), (args.eval.split(), "--eval")):
+        bad = [word for word in words if "=" not in word]
+        if bad:
+            parser.error(f"{where}: {' '.join(bad)} is not key=value (e.g. shots=8).")
+    if args.eval:
+        _check_eval_overrides(parser, args.eval.split())
     out = Path(args.out) / args.name
     out.mkdir(parents=True, exist_ok=True)
     keys = dict(STUDY_KEYS)

@@ -83,6 +83,22 @@ def test_checkpoint_best_is_refused_before_training_without_a_clean_selection(st
     assert stop.value.code == 2 and message in capsys.readouterr().err and not calls
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--eval", "shots=eight"], "--eval: shots='eight' on the command line: expected int"),
+    (["--eval", "episodes=0"], "--eval: episodes=0: expected an integer >= 1"),
+    (["--eval", "shotz=8"], "--eval: "),  # an unknown key
+    (["--eval", "max_tasks"], "--eval: max_tasks is not key=value"),
+    (["--", "seed"], "after --: seed is not key=value"),
+])
+def test_bad_overrides_are_refused_before_any_training(study, tmp_path, monkeypatch, capsys, argv, message):
+    calls = []
+    monkeypatch.setattr(study, "_deltameta", lambda args, log, append=False: calls.append(args) or 1.0)
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--name", "v", "--out", str(tmp_path), *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err and not calls
+    assert not (tmp_path / "v").exists()
+
+
 def test_an_evaluation_of_other_adapters_is_not_reused(study, tmp_path):
     done = tmp_path / "eval-families" / "results.json"
     done.parent.mkdir()
