@@ -14,8 +14,10 @@ episodes; ``DIR:method,method`` takes only those methods from DIR):
 prints a markdown table (a column per seed, one pooled) and, with ``--out FILE``, writes it and
 the numbers (``FILE`` with ``.json``). The pooled unit is the (seed, task) pair, or the task
 averaged over seeds when the seeds evaluated the same tasks (``--unit``; see
-``deltameta.evaluate.pooling``). ``--smoke DIR`` first runs two tiny evaluations (seeds 0
-and 1, plus ICL of seed 0 as a separate part) under DIR and pools them (the test suite does this).
+``deltameta.evaluate.pooling``). Seeds may be adapters of different meta-train seeds scored on the
+same episodes (one evaluation seed); the same adapters given twice are refused. ``--smoke DIR``
+first runs two tiny evaluations (seeds 0 and 1, plus ICL of seed 0 as a separate part) under DIR
+and pools them (the test suite does this).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", default=None, help="adaptation steps to compare after (default 2; 1 with --smoke)")
     parser.add_argument("--unit", default="auto", choices=["auto", "pair", "task"],
                         help="unit of the pooled CI: (seed, task) pairs, or tasks averaged over seeds (default: "
-                             "pairs unless task names repeat across seeds that are not seed-generated built-in tasks)")
+                             "pairs unless seeds share episodes, or task names repeat across seeds that are not "
+                             "seed-generated built-in tasks)")
     parser.add_argument("--key", default="accuracy", choices=["accuracy", "accuracy_norm"])
     parser.add_argument("--pairs", default="", help="comma-separated A-B pairs (default: every trained method "
                                                     "against multitask, fresh-lora, zero-shot)")

@@ -15,9 +15,13 @@ from deltameta.evaluate.report import mean_ci, summarize
 TRAINS = {"zero-shot": False, "icl": False, "fresh-lora": True, "multitask": True, "meta": True}
 
 
-def _results(methods, steps=(0, 2), tasks=("t0", "t1", "t2"), episodes=2, seed=0, fingerprint="f", source="builtin"):
-    """A results.json of ``methods`` with random per-episode accuracies (non-training methods equal at every step)."""
-    rng = random.Random(f"{seed}-{','.join(methods)}")
+def _results(methods, steps=(0, 2), tasks=("t0", "t1", "t2"), episodes=2, seed=0, fingerprint="f", source="builtin",
+             adapters=""):
+    """A results.json of ``methods`` with random per-episode accuracies (non-training methods equal at every step).
+
+    ``seed`` is the evaluation seed (it sets the episodes); ``adapters`` names other trained adapters on them.
+    """
+    rng = random.Random(f"{seed}-{','.join(methods)}{adapters}")
     out = {"steps": list(steps), "methods": {m: {"trains": TRAINS[m]} for m in methods}, "tasks": {},
            "config": {"model": "m", "quantization": "nf4", "max_length": 64, "tasks": source, "seed": seed}}
     for task in tasks:
@@ -87,6 +91,26 @@ def test_seeds_of_the_same_tasks_pool_by_task(tmp_path):
                  for s in range(2)]  # built-in tasks read with the same seed: the same rules
     with pytest.raises(ConfigError, match="same episodes"):
         pool_seeds(same_seed)
+
+
+def test_seeds_of_other_adapters_on_the_same_episodes_pool_by_task(tmp_path):
+    """Meta-train seeds scored on one evaluation seed's episodes: accepted, each task one unit."""
+    baselines = _write(tmp_path, "baselines", _results(["zero-shot", "icl"]))
+    seeds = [seed_scores([SeedPart.parse(_write(tmp_path, f"m{s}", _results(["zero-shot", "multitask", "meta"],
+                                                                           adapters=f"train-seed-{s}"))),
+                          SeedPart.parse(baselines + ":icl")], 2) for s in range(3)]
+    assert all(s.trained == ("multitask", "meta") for s in seeds)
+    pooled = pool_seeds(seeds, [("meta", "multitask"), ("meta", "icl")])
+    assert pooled["unit"] == "task"
+    for a, b in (("meta", "multitask"), ("meta", "icl")):
+        by_task = [sum(s.scores[a][t] - s.scores[b][t] for s in seeds) / 3 for t in ("t0", "t1", "t2")]
+        entry = pooled["comparisons"][f"{a} - {b}"]["pooled"]
+        assert entry["n"] == 3 and entry["mean"] == pytest.approx(mean_ci(by_task)["mean"])
+    assert pool_seeds(seeds, unit="task")["unit"] == "task"
+    with pytest.raises(ConfigError, match="not independent"):
+        pool_seeds(seeds, unit="pair")
+    with pytest.raises(ConfigError, match="the same adapters"):  # one seed's evaluation given twice
+        pool_seeds([seeds[0], seed_scores([SeedPart.parse(str(tmp_path / "m0"))], 2)])
 
 
 def test_parts_of_a_seed_must_fit_together(tmp_path):

@@ -12,6 +12,12 @@ every seed and of all seeds pooled. The unit of the pooled interval (``unit``):
 - ``auto`` (default): ``pair`` when no task name repeats across seeds, or when every seed read
   built-in tasks with its own seed; else ``task``.
 
+Seeds may share episodes: adapters meta-trained with different seeds and all evaluated with one
+evaluation seed is the tighter paired design (every seed's baselines score the very same queries).
+Their pooled unit is then the task; ``pair`` is refused, since a task's pairs are not independent.
+Two seeds whose shared episodes carry identical scores of every trained method are the same
+adapters given twice, and are refused.
+
 One seed's methods may come from several evaluations of *the same episodes* (a baseline evaluated
 later, ICL from another run): a :class:`SeedPart` names an evaluation and the methods taken from it.
 The parts of a seed must have evaluated the same tasks with the same episodes, model, quantization
@@ -81,12 +87,14 @@ class SeedScores:
         episodes: ``{task: episode fingerprints}``.
         config: The first part's evaluation config.
         name: How errors name the seed (its first part).
+        trained: The methods of ``scores`` that train (their scores depend on the seed's adapters).
     """
 
     scores: dict[str, dict[str, float]]
     episodes: dict[str, list[Any]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    trained: tuple[str, ...] = ()
 
 
 def _trains(results: dict[str, Any], method: str) -> bool:
@@ -113,6 +121,7 @@ def seed_scores(parts: Sequence[SeedPart], step: int | str, key: str = "accuracy
         raise ConfigError("a seed needs at least one evaluation.")
     step = str(step)
     scores: dict[str, dict[str, float]] = {}
+    trained: list[str] = []
     reference: dict[str, Any] = {}
     for part in parts:
         results = part.load()
@@ -139,21 +148,34 @@ def seed_scores(parts: Sequence[SeedPart], step: int | str, key: str = "accuracy
             if at is None:
                 raise ConfigError(f"'{part.path}' scored {method} after steps {scored}, not after {step}.")
             scores[method] = means[method][at]
+            if _trains(results, method):
+                trained.append(method)
     episodes = {task: [r.get("fingerprint") or r["id"] for r in entry["episodes"]]
                 for task, entry in reference["tasks"].items()}
-    return SeedScores(scores, episodes, reference.get("config", {}), str(parts[0].path))
+    return SeedScores(scores, episodes, reference.get("config", {}), str(parts[0].path), tuple(trained))
 
 
 def _resolve_unit(seeds: Sequence[SeedScores], unit: Unit) -> str:
-    """``pair`` or ``task`` (see the module docstring); refuses seeds that share episodes."""
+    """``pair`` or ``task`` (see the module docstring); refuses the same adapters given twice."""
+    share_episodes = False
     for i, a in enumerate(seeds):
         for b in seeds[i + 1:]:
             shared = [t for t in a.episodes if a.episodes[t] == b.episodes.get(t)]
-            if shared:
-                raise ConfigError(f"seeds '{a.name}' and '{b.name}' evaluated the same episodes of {shared[:3]}: "
-                                  "the same seed given twice?")
+            if not shared:
+                continue
+            share_episodes = True
+            trained = [m for m in a.trained if m in b.trained]
+            if all(a.scores[m].get(t) == b.scores[m].get(t) for m in trained for t in shared):
+                raise ConfigError(
+                    f"seeds '{a.name}' and '{b.name}' evaluated the same episodes of {shared[:3]} and score them "
+                    f"identically with every trained method {trained}: the same adapters (the same seed) given twice?")
+    if share_episodes and unit == "pair":
+        raise ConfigError("some seeds evaluated the same episodes, so their (seed, task) pairs are not independent: "
+                          "pool with unit 'task' (or 'auto').")
     if unit != "auto":
         return unit
+    if share_episodes:
+        return "task"
     names = [t for seed in seeds for t in seed.episodes]
     if len(names) == len(set(names)):
         return "pair"
@@ -178,7 +200,8 @@ def pool_seeds(seeds: Sequence[SeedScores], pairs: Sequence[tuple[str, str]] | N
         each stats dict as :func:`mean_ci` gives it (accuracy units) with ``excludes_zero``.
 
     Raises:
-        ConfigError: no seed, a pair's method missing from some seed, or two seeds with the same episodes.
+        ConfigError: no seed, a pair's method missing from some seed, two seeds that are the same adapters
+            (identical trained scores on the same episodes), or ``unit='pair'`` for seeds sharing episodes.
     """
     if not seeds:
         raise ConfigError("pooling needs at least one seed.")
