@@ -93,9 +93,10 @@ def _train_families(meta_run: Path) -> tuple[list[str], int, int, int]:
     return families, per_family, int(config["builtin_examples_per_task"]), int(config["seed"])
 
 
-#: Meta-train keys that describe only how a meta-learner differentiates through its inner loop; the
-#: multitask twin has no inner loop to differentiate, and meta-train refuses ``first_order=false`` with it.
-META_ONLY_KEYS = ("first_order",)
+#: Meta-train keys that describe only how a meta-learner differentiates through its inner loop or what
+#: its outer loss adds at the meta-parameters (no pass of its own); the multitask twin has no inner loop,
+#: and meta-train refuses ``first_order=false`` and ``init_loss_weight > 0`` with it.
+META_ONLY_KEYS = ("first_order", "init_loss_weight")
 
 
 def twin_keys(keys: dict[str, Any]) -> dict[str, Any]:

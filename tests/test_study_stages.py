@@ -177,3 +177,17 @@ def test_the_twin_of_a_second_order_run_drops_only_first_order(study, tmp_path, 
     assert build_config(MetaTrainConfig, overrides=twin_keys).algorithm == "multitask"  # meta-train accepts it
     with pytest.raises(ConfigError, match="first_order=false contradicts algorithm=multitask"):
         build_config(MetaTrainConfig, overrides=twin_keys + ["first_order=false"])  # what the twin used to get
+
+
+def test_the_twin_of_a_run_with_an_init_loss_drops_it(study, tmp_path, monkeypatch):
+    """`init_loss_weight` adds no pass, so the twin is the λ = 0 run's twin (meta-train refuses it with multitask)."""
+    calls = []
+    monkeypatch.setattr(study, "_deltameta", lambda args, log, append=False: calls.append(args) or 1.0)
+    assert study.main(["--name", "il", "--out", str(tmp_path), "--stages", "meta,multitask", "--",
+                       "algorithm=metasgd", "init_loss_weight=1.0", "seed=3"]) == 0
+    meta, twin = calls
+    assert "init_loss_weight=1.0" in meta and not any(a.startswith("init_loss_weight=") for a in twin)
+    from deltameta.config import build_config
+    from deltameta.meta.config import MetaTrainConfig
+
+    assert build_config(MetaTrainConfig, overrides=twin[2:]).algorithm == "multitask"

@@ -23,6 +23,12 @@ The outer optimizer step is the trainer's business (:mod:`deltameta.meta.trainer
 
 The inner optimizer is SGD or Adam (``InnerLoop.optimizer``; Adam's state is differentiable, so
 it works with second-order MAML too).
+
+Every meta-learner can add the support loss at the meta-parameters to its outer objective,
+``L_query(φ_K) + λ L_support(φ_0)`` (``init_loss_weight`` λ), so that the initialisation itself
+stays a good adapter before any step. Its gradient, ``λ ∇L_support(φ_0)``, is the first inner
+step's gradient before clipping, which the inner loop computes anyway: the term costs no pass, and
+the multitask twin's pass count stays the meta-learner's.
 """
 
 from __future__ import annotations
@@ -115,6 +121,9 @@ class MetaAlgorithm:
         forward_context: Factory of a context manager wrapped around every forward (for
             example autocast); ``None`` for none.
         loss_fn_factory: ``(model, groups) -> loss_fn``; default :func:`functional.lm_loss_fn`.
+        init_loss_weight: Weight λ of the support loss at the meta-parameters in the outer
+            objective (see the module docstring); it reaches the deltas only (not Meta-SGD's
+            rates, on which that loss does not depend, nor a controller's op weights).
     """
 
     name = "base"
@@ -130,7 +139,11 @@ class MetaAlgorithm:
         inner: InnerLoop,
         forward_context: Callable[[], ContextManager] | None = None,
         loss_fn_factory: Callable[[nn.Module, int | None], F.LossFn] | None = None,
+        init_loss_weight: float = 0.0,
     ) -> None:
+        if not init_loss_weight >= 0:
+            raise ConfigError(f"init_loss_weight={init_loss_weight}: expected a number >= 0.")
+        self.init_loss_weight = float(init_loss_weight)
         self.model = model
         self.params = dict(params)
         self.inner = inner
@@ -172,7 +185,8 @@ class MetaAlgorithm:
     # -- the step ----------------------------------------------------------------------------
 
     def adapt(self, params: Mapping[str, Tensor], support: Mapping[str, Tensor], groups: int | None = None,
-              losses: list[float] | None = None, first_order: bool | None = None) -> dict[str, Tensor]:
+              losses: list[float] | None = None, first_order: bool | None = None,
+              on_gradients: Callable[[int, list[Tensor | None]], None] | None = None) -> dict[str, Tensor]:
         """Adapt ``params`` on ``support`` with this algorithm's inner loop."""
         return F.adapt(
             params,
@@ -184,8 +198,31 @@ class MetaAlgorithm:
             clip=self.inner.clip,
             task_dim=groups is not None,
             losses=losses,
+            on_gradients=on_gradients,
             **self.inner.optimizer_kwargs(),
         )
+
+    # -- the support loss at the meta-parameters (init_loss_weight) --------------------------
+
+    def _init_hook(self, store: dict[str, Tensor]) -> Callable[[int, list[Tensor | None]], None] | None:
+        """An ``on_gradients`` hook that keeps the first inner step's gradients in ``store``.
+
+        ``None`` when ``init_loss_weight`` is 0, so the inner loop is exactly the plain one.
+        """
+        if not self.init_loss_weight:
+            return None
+        names = list(self.params)
+
+        def hook(step: int, grads: list[Tensor | None]) -> None:
+            if step == 0:
+                store.update({n: g for n, g in zip(names, grads) if g is not None})
+
+        return hook
+
+    def _add_init_term(self, store: Mapping[str, Tensor], scale: float, tasks: int | None) -> None:
+        """Accumulate ``init_loss_weight * scale * ∇L_support(φ_0)`` into the deltas' ``.grad``."""
+        for name, grad in store.items():
+            _accumulate(self.params[name], self.init_loss_weight * scale * (grad.sum(0) if tasks is not None else grad))
 
     def task_step(self, support: Mapping[str, Tensor], query: Mapping[str, Tensor], scale: float) -> TaskResult:
         """Accumulate one task's meta-gradient (times ``scale``) into ``.grad``.
@@ -201,12 +238,14 @@ class MetaAlgorithm:
         if self.inplace:
             return self._task_step_inplace(support, query, scale)
         losses: list[float] = []
+        init: dict[str, Tensor] = {}
         with self._context():
-            fast = self.adapt(self.params, support, losses=losses)
+            fast = self.adapt(self.params, support, losses=losses, on_gradients=self._init_hook(init))
             query_loss = self.loss_fn()(fast, query)
             finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
             if finite:
                 self._backward(query_loss * scale, fast, scale)
+                self._add_init_term(init, scale, None)
         return self._result(losses, query_loss, support, query, 1)
 
     def tasks_step_batched(self, supports: Sequence[Mapping[str, Tensor]], queries: Sequence[Mapping[str, Tensor]],
@@ -216,13 +255,15 @@ class MetaAlgorithm:
         support = B.concat_batches(supports, pad_token_id)
         query = B.concat_batches(queries, pad_token_id)
         losses: list[float] = []
+        init: dict[str, Tensor] = {}
         with self._context():
             stacked = B.stack_params(self.params, tasks)
-            fast = self.adapt(stacked, support, groups=tasks, losses=losses)
+            fast = self.adapt(stacked, support, groups=tasks, losses=losses, on_gradients=self._init_hook(init))
             query_loss = self.loss_fn(tasks)(fast, query)
             finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
             if finite:
                 self._backward(query_loss * scale, fast, scale, tasks=tasks)
+                self._add_init_term(init, scale, tasks)
         return self._result([x / tasks for x in losses], query_loss / tasks, support, query, tasks)
 
     def _plain_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -239,12 +280,15 @@ class MetaAlgorithm:
         lr = self.inner_lr()
         losses: list[float] = []
         moments: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+        init: dict[str, Tensor] = {}
         try:
             with self.forward_context():
                 for step in range(1, self.inner.steps + 1):
                     loss = self._plain_loss(support)
                     losses.append(float(loss.detach()))
                     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                    if step == 1 and self.init_loss_weight:
+                        init = {n: g.detach() for n, g in zip(names, grads) if g is not None}
                     grads = F.clip_grads(list(grads), self.inner.clip)
                     with torch.no_grad():
                         for name, p, g in zip(names, tensors, grads):
@@ -276,6 +320,8 @@ class MetaAlgorithm:
         if finite and not query_grad:
             for name, p in self.params.items():
                 p.grad = diffs[name] * scale if p.grad is None else p.grad + diffs[name] * scale
+        if finite:
+            self._add_init_term(init, scale, None)
         return self._result(losses, query_loss, support, query, 1)
 
     def _backward(self, scaled_query_loss: Tensor, fast: Mapping[str, Tensor], scale: float, tasks: int | None = None) -> None:
@@ -390,15 +436,17 @@ class MetaSGD(MetaAlgorithm):
     def _exact_step(self, start: Mapping[str, Tensor], support, query, scale: float, tasks: int | None,
                     losses: list[float]) -> Tensor:
         """First-order deltas, exact rates (see the class docstring); returns the query loss."""
+        init: dict[str, Tensor] = {}
         fast = F.adapt(start, support, self.loss_fn(tasks), steps=self.inner.steps, lr=self.lrs, first_order=False,
                        graph_from=1, clip=self.inner.clip, task_dim=tasks is not None, losses=losses,
-                       **self.inner.optimizer_kwargs())
+                       on_gradients=self._init_hook(init), **self.inner.optimizer_kwargs())
         at = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
         query_loss = self.loss_fn(tasks)(at, query)
         if not (bool(torch.isfinite(query_loss)) and all(map(_finite, losses))):
             return query_loss
         # the query pass: the controller's direct gradient and v = d(scale * L_query)/d(phi_K)
         (query_loss * scale).backward()
+        self._add_init_term(init, scale, tasks)
         names = [k for k, v in at.items() if v.grad is not None]
         for name in names:
             grad = at[name].grad
@@ -432,13 +480,15 @@ class Reptile(MetaAlgorithm):
         if self.inplace:
             return self._task_step_inplace(support, query, scale)
         losses: list[float] = []
+        init: dict[str, Tensor] = {}
         with self._context():
-            fast = self.adapt(self.params, support, losses=losses, first_order=True)
+            fast = self.adapt(self.params, support, losses=losses, first_order=True, on_gradients=self._init_hook(init))
             frozen = {k: v.detach() for k, v in fast.items()}
             query_loss = self.loss_fn()(frozen, query)
             finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
             if finite:
                 self._reptile_grad(frozen, scale, None)
+                self._add_init_term(init, scale, None)
                 if query_loss.requires_grad:
                     (query_loss * scale).backward()
         return self._result(losses, query_loss, support, query, 1)
@@ -448,13 +498,16 @@ class Reptile(MetaAlgorithm):
         support = B.concat_batches(supports, pad_token_id)
         query = B.concat_batches(queries, pad_token_id)
         losses: list[float] = []
+        init: dict[str, Tensor] = {}
         with self._context():
-            fast = self.adapt(B.stack_params(self.params, tasks), support, groups=tasks, losses=losses, first_order=True)
+            fast = self.adapt(B.stack_params(self.params, tasks), support, groups=tasks, losses=losses, first_order=True,
+                              on_gradients=self._init_hook(init))
             frozen = {k: v.detach() for k, v in fast.items()}
             query_loss = self.loss_fn(tasks)(frozen, query)
             finite = bool(torch.isfinite(query_loss)) and all(map(_finite, losses))
             if finite:
                 self._reptile_grad(frozen, scale, tasks)
+                self._add_init_term(init, scale, tasks)
                 if query_loss.requires_grad:
                     (query_loss * scale).backward()
         return self._result([x / tasks for x in losses], query_loss / tasks, support, query, tasks)
@@ -555,6 +608,7 @@ def make_algorithm(
     inner: InnerLoop,
     forward_context: Callable[[], ContextManager] | None = None,
     loss_fn_factory: Callable[[nn.Module, int | None], F.LossFn] | None = None,
+    init_loss_weight: float = 0.0,
 ) -> MetaAlgorithm:
     """Build an algorithm by name.
 
@@ -566,20 +620,24 @@ def make_algorithm(
             ``reptile``, ``multitask`` and ``none`` force ``True``).
         forward_context: See :class:`MetaAlgorithm`.
         loss_fn_factory: See :class:`MetaAlgorithm`.
+        init_loss_weight: See :class:`MetaAlgorithm`; meta-learners only.
 
     Raises:
-        ConfigError: unknown name or inner optimizer.
+        ConfigError: unknown name or inner optimizer, or ``init_loss_weight > 0`` for a baseline.
     """
     if name not in _CLASSES:
         raise ConfigError(f"algorithm={name!r}: expected one of {', '.join(ALGORITHMS)}.")
     if inner.optimizer not in F.INNER_OPTIMIZERS:
         raise ConfigError(f"inner optimizer {inner.optimizer!r}: expected one of {', '.join(F.INNER_OPTIMIZERS)}.")
+    if init_loss_weight and name in ("multitask", "none"):
+        raise ConfigError(f"init_loss_weight={init_loss_weight} applies to meta-learners; algorithm={name} has no "
+                          "adaptation to add it to (multitask already trains at the meta-parameters).")
     inner = dataclasses.replace(inner)
     if name == "maml":
         inner.first_order = False
     elif name in ("fomaml", "reptile", "multitask", "none"):
         inner.first_order = True
-    return _CLASSES[name](model, params, inner, forward_context, loss_fn_factory)
+    return _CLASSES[name](model, params, inner, forward_context, loss_fn_factory, init_loss_weight)
 
 
 def evaluate_task(

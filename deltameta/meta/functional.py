@@ -24,6 +24,7 @@ ordinary tensors of the graph, so second-order meta-gradients flow through them 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -190,6 +191,7 @@ def inner_gradients(
     first_order: bool = True,
     clip: float | None = None,
     task_dim: bool = False,
+    on_gradients: Callable[[list[Tensor | None]], None] | None = None,
 ) -> list[Tensor | None]:
     """Gradients of ``loss`` with respect to ``params`` (in order), clipped, for one inner step.
 
@@ -199,6 +201,8 @@ def inner_gradients(
         first_order: Detach the gradients; otherwise keep their graph (``create_graph=True``).
         clip: Global-norm threshold (per task when ``task_dim``).
         task_dim: Params carry a leading task dimension.
+        on_gradients: Called with the gradients before clipping, detached (for example to reuse
+            the first inner step's gradient in the outer objective without another pass).
 
     Returns:
         One gradient per tensor of ``params`` (``None`` where ``loss`` does not depend on it).
@@ -206,6 +210,8 @@ def inner_gradients(
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order, allow_unused=True)
     if first_order:
         grads = tuple(None if g is None else g.detach() for g in grads)
+    if on_gradients is not None:
+        on_gradients([None if g is None else g.detach() for g in grads])
     return clip_grads(list(grads), clip, task_dim=task_dim)
 
 
@@ -220,6 +226,7 @@ def sgd_step(
     first_order: bool = True,
     clip: float | None = None,
     task_dim: bool = False,
+    on_gradients: Callable[[list[Tensor | None]], None] | None = None,
 ) -> Params:
     """One differentiable SGD step on ``params``.
 
@@ -232,13 +239,15 @@ def sgd_step(
             (``create_graph=True``) for second-order meta-gradients.
         clip: Global-norm threshold for the inner gradient.
         task_dim: Params carry a leading task dimension (clip per task).
+        on_gradients: See :func:`inner_gradients`.
 
     Returns:
         The updated tensors ``p - lr * g``.
     """
     if not loss.requires_grad:  # e.g. the controller switched every delta off: nothing to adapt
         return dict(params)
-    grads = inner_gradients(params, loss, first_order=first_order, clip=clip, task_dim=task_dim)
+    grads = inner_gradients(params, loss, first_order=first_order, clip=clip, task_dim=task_dim,
+                            on_gradients=on_gradients)
     new: Params = {}
     for (name, p), g in zip(params.items(), grads):
         new[name] = p if g is None else p - _lr_of(lr, name) * g
@@ -293,6 +302,7 @@ def adam_step(
     task_dim: bool = False,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    on_gradients: Callable[[list[Tensor | None]], None] | None = None,
 ) -> Params:
     """One differentiable Adam step on ``params``.
 
@@ -313,13 +323,15 @@ def adam_step(
             element-wise, so each task's slice has its own state).
         betas: Adam's ``(beta1, beta2)``.
         eps: Adam's epsilon.
+        on_gradients: See :func:`inner_gradients`.
 
     Returns:
         The updated tensors ``p - lr * m_hat / (sqrt(v_hat) + eps)``.
     """
     if not loss.requires_grad:
         return dict(params)
-    grads = inner_gradients(params, loss, first_order=first_order, clip=clip, task_dim=task_dim)
+    grads = inner_gradients(params, loss, first_order=first_order, clip=clip, task_dim=task_dim,
+                            on_gradients=on_gradients)
     step = int(state.get("step", 0)) + 1
     moments_m: dict[str, Tensor] = dict(state.get("m", {}))
     moments_v: dict[str, Tensor] = dict(state.get("v", {}))
@@ -352,6 +364,7 @@ def adapt(
     on_step: Callable[[int, Params], None] | None = None,
     graph_from: int = 0,
     skip_nonfinite: bool = False,
+    on_gradients: Callable[[int, list[Tensor | None]], None] | None = None,
 ) -> Params:
     """Adapt ``params`` to a task with ``steps`` optimizer steps on its support batch.
 
@@ -387,6 +400,10 @@ def adapt(
             as they were), as an optimizer that checks its update would; for evaluation and
             fine-tuning, where one diverging step must not turn the adapter into NaN. Off in
             meta-training, whose outer loop rolls back non-finite steps itself.
+        on_gradients: Called as ``on_gradients(k, grads)`` with step ``k``'s (0-based) support-loss
+            gradients, before clipping and detached, in the order of ``params`` (``None`` where
+            the loss does not depend on a tensor). The meta-learners' ``init_loss_weight`` reuses
+            step 0's: the gradient of the support loss at the meta-parameters.
 
     Returns:
         The adapted ``name -> tensor`` dict.
@@ -409,11 +426,13 @@ def adapt(
                 losses.append(float(loss.detach()))
             detach = first_order or step < graph_from
             previous = current
+            hook = None if on_gradients is None else functools.partial(on_gradients, step)
             if optimizer == "adam":
                 current = adam_step(current, loss, lr, state, first_order=detach, clip=clip, task_dim=task_dim,
-                                    betas=betas, eps=eps)
+                                    betas=betas, eps=eps, on_gradients=hook)
             else:
-                current = sgd_step(current, loss, lr, first_order=detach, clip=clip, task_dim=task_dim)
+                current = sgd_step(current, loss, lr, first_order=detach, clip=clip, task_dim=task_dim,
+                                   on_gradients=hook)
             if skip_nonfinite and not all(bool(torch.isfinite(v).all()) for v in current.values()):
                 current = previous
     if on_step is not None:

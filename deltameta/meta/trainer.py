@@ -186,7 +186,7 @@ class MetaTrainer:
                           metasgd_rate_grad=c.metasgd_rate_grad)
         self.algorithm: MetaAlgorithm = make_algorithm(
             c.algorithm, self.model, self.params, inner,
-            loss_fn_factory=lambda m, groups: _lm_loss_fn(m, groups),
+            loss_fn_factory=lambda m, groups: _lm_loss_fn(m, groups), init_loss_weight=c.init_loss_weight,
         )
         self.algorithm.inplace = bool(c.gradient_checkpointing)
         groups = [{"params": list(self.params.values()), "weight_decay": c.weight_decay}]
