@@ -33,6 +33,11 @@ SMOKE: dict[str, tuple[list[str], str]] = {
                   "--mix-builtin", "kv_lookup", "--checkpoint", "best", "--",
                   "val_holdout=0.5", "val_holdout_unit=task", "eval_every=1", "delta=lora"],
                  "| smoke | eval-dev (best/) | meta |"),
+    # the committed five-family mixed dev tables: the pooled meta - twin row of benchmarks/README.md
+    "pair_tables.py": ([arg for s in ("", "-seed1", "-seed2") for arg in
+                        ("--pair", f"benchmarks/study/metasgd-lora-mc6-mix-hold-kv{s}-on-dev.md:meta",
+                         f"benchmarks/study/metasgd-lora-mc6-mix-hold-kv{s}-on-dev.md:multitask")],
+                       "| pooled (3 seeds, by task) | +0.8 ± 3.4 (n=20) |"),
     # seed 0's ICL comes from a second evaluation scored at step 0 only: the parts of a seed combine
     "pool_seeds.py": (["--smoke", "{tmp}", "--pairs", "fresh-lora-zero-shot,fresh-lora-icl"], "(n=4) |\n"),
     "tarp_fold.py": (["--model", "tiny-random-llama", "--val-episodes", "2"], "| least squares |"),
