@@ -105,3 +105,15 @@ def test_meta_train_with_the_term_moves_the_deltas_differently(tmp_path):
         finals[weight] = load_file(str(run_meta_train(config).run_dir / "final" / "deltas.safetensors"))
     assert finals[0.0].keys() == finals[1.0].keys()
     assert any(not torch.equal(finals[0.0][k], finals[1.0][k]) for k in finals[0.0])
+
+
+def test_the_logged_meta_loss_includes_the_term(tmp_path):
+    import json
+
+    config = tiny_config(tmp_path, algorithm="fomaml", controller="none", delta="lora", init_loss_weight=0.5,
+                         outer_steps=2, eval_every=0, checkpoint_every=0)
+    rows = [json.loads(line) for line in (run_meta_train(config).run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    assert train
+    for row in train:
+        assert row["meta_loss"] == pytest.approx(row["query_after"] + 0.5 * row["support_before"], rel=1e-12)

@@ -83,6 +83,11 @@ class TrainResult:
     grad_spikes: int = 0
 
 
+def _meta_loss(result, init_loss_weight: float) -> float:
+    """The outer objective's value: the query loss after adaptation, plus ``λ L_support(φ_0)`` when λ > 0."""
+    return result.query_after + init_loss_weight * result.support_before if init_loss_weight else result.query_after
+
+
 def _memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -347,7 +352,7 @@ class MetaTrainer:
             support_before=result.support_before,
             support_after=result.support_after,
             query_after=result.query_after,
-            meta_loss=result.query_after,
+            meta_loss=_meta_loss(result, self.algorithm.init_loss_weight),
             skipped=not finite,
             rolled_back=rolled_back,
             skipped_total=self.skipped,
