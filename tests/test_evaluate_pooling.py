@@ -111,6 +111,9 @@ def test_seeds_of_other_adapters_on_the_same_episodes_pool_by_task(tmp_path):
         pool_seeds(seeds, unit="pair")
     with pytest.raises(ConfigError, match="the same adapters"):  # one seed's evaluation given twice
         pool_seeds([seeds[0], seed_scores([SeedPart.parse(str(tmp_path / "m0"))], 2)])
+    only_baselines = seed_scores([SeedPart.parse(baselines)], 2)  # nothing trained tells the seeds apart
+    with pytest.raises(ConfigError, match=r"share no trained method \(trained: none and \('multitask', 'meta'\)\)"):
+        pool_seeds([only_baselines, seeds[0]])
 
 
 def test_parts_of_a_seed_must_fit_together(tmp_path):

@@ -165,6 +165,11 @@ def _resolve_unit(seeds: Sequence[SeedScores], unit: Unit) -> str:
                 continue
             share_episodes = True
             trained = [m for m in a.trained if m in b.trained]
+            if not trained:
+                raise ConfigError(
+                    f"seeds '{a.name}' and '{b.name}' evaluated the same episodes of {shared[:3]} but share no trained "
+                    f"method (trained: {a.trained or 'none'} and {b.trained or 'none'}): their baselines score the "
+                    "same queries, so pooling them repeats one measurement; give each seed its trained adapters.")
             if all(a.scores[m].get(t) == b.scores[m].get(t) for m in trained for t in shared):
                 raise ConfigError(
                     f"seeds '{a.name}' and '{b.name}' evaluated the same episodes of {shared[:3]} and score them "
