@@ -245,10 +245,24 @@ def _property_rule(task):
     return all((e.target == yes) == test(e.input, parameter) for e in task.examples)
 
 
+def _count_rule(task):
+    """The answer counts the input's words of the category the description names (and only they occur)."""
+    from deltameta.tasks.builtin import CATEGORIES
+
+    counted = task.description.split(" of category ")[1].split(" (")[0]
+    others = task.description.split("(others: ")[1].rstrip(")").split(", ")
+    allowed = set(CATEGORIES[counted]).union(*(CATEGORIES[o] for o in others))
+    answers = {e.target for e in task.examples}
+    return len(answers) > 1 and all(
+        set(e.input.split()) <= allowed and len(e.input.split()) == 3
+        and int(e.target) == sum(w in CATEGORIES[counted] for w in e.input.split()) for e in task.examples)
+
+
 @pytest.mark.parametrize("family, rule, options", [
     ("position_pick", _position_rule, range(3, 7)),
     ("number_compare", _compare_rule, {3}),
     ("word_property", _property_rule, {2}),
+    ("category_count", _count_rule, {4}),
 ])
 def test_later_families_follow_their_hidden_rule(family, rule, options):
     tasks = generate_family(family, 12, 32, seed=5)

@@ -22,8 +22,10 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
   one closest to / farthest from a hidden number.
 * ``word_property`` (MC): a word labelled by a hidden property (length, a letter, ...) with two
   random words.
+* ``category_count`` (MC): three words of 2-3 categories; the answer (0-3) is how many belong to a
+  hidden one of them.
 
-``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last three are read
+``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last four are read
 only when named (``builtin:position_pick,...``), so results made before they existed reproduce.
 """
 
@@ -276,6 +278,20 @@ def _word_property(rng: random.Random):
     return _labelled_property(rng, _WORD_PROPERTIES, lambda r: r.choice(PROPERTY_WORDS), "word")
 
 
+def _category_count(rng: random.Random):
+    categories = rng.sample(sorted(CATEGORIES), rng.randint(2, 3))
+    counted, others = categories[0], sorted(categories[1:])
+    pool = [w for c in others for w in CATEGORIES[c]]
+
+    def make(r: random.Random) -> Example:
+        count = r.randint(0, 3)  # every answer equally often
+        words = r.sample(CATEGORIES[counted], count) + r.sample(pool, 3 - count)
+        r.shuffle(words)
+        return Example(input=" ".join(words), target=str(count), options=["0", "1", "2", "3"])
+
+    return (counted, tuple(others)), f"how many words are of category {counted} (others: {', '.join(others)})", make
+
+
 #: family name -> rule generator.
 FAMILIES = {
     "word_category": _word_category,
@@ -289,6 +305,7 @@ FAMILIES = {
     "position_pick": _position_pick,
     "number_compare": _number_compare,
     "word_property": _word_property,
+    "category_count": _category_count,
 }
 #: The families ``tasks=builtin`` reads when none are named: the first eight, so that recipes, runs and
 #: published numbers made before the later families were added stay reproducible.
