@@ -185,11 +185,8 @@ def test_a_pair_that_is_not_two_methods_is_refused(text):
 ])
 def test_the_script_refuses_bad_arguments_with_exit_2(argv, message, tmp_path, capsys):
     """benchmarks/pool_seeds.py: one line on stderr and exit 2, before any evaluation runs."""
-    import importlib.util
+    from benchmark_helpers import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("pool_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "pool_seeds.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert load_benchmark("pool_seeds").main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and not (tmp_path / "x").exists()

@@ -294,12 +294,9 @@ def test_finetune_trains_tarp_in_its_own_parameters_after_the_recorded_inner_loo
 
 def test_inner_loop_fidelity_benchmark_smoke():
     """benchmarks/inner_loop_fidelity.py on a tiny run: meta-dynamic reproduces the inner loop."""
-    import importlib.util
+    from benchmark_helpers import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("inner_loop_fidelity", REPO / "benchmarks" / "inner_loop_fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--model", "tiny-random-llama", "--max-tasks", "1", "--episodes", "1"])
+    result = load_benchmark("inner_loop_fidelity").main(["--model", "tiny-random-llama", "--max-tasks", "1", "--episodes", "1"])
     assert result["inner_steps"] == 2 and len(result["episodes"]) == 1
     assert result["max_relative_gap_dynamic"] < 1e-5
     assert result["mean_after"]["inner_loop"] < result["mean_start"]["inner_loop"]

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmark_helpers import load_benchmark
 
 TABLE = """# Few-shot adaptation
 
@@ -23,10 +19,7 @@ TABLE = """# Few-shot adaptation
 
 @pytest.fixture(scope="module")
 def pair_tables():
-    spec = importlib.util.spec_from_file_location("pair_tables", REPO / "benchmarks" / "pair_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pair_tables")
 
 
 def test_columns_pair_by_task(pair_tables, tmp_path, capsys):
