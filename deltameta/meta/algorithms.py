@@ -106,6 +106,19 @@ class TaskResult:
     finite: bool
 
 
+def check_init_loss_weight(algorithm: str, weight: float) -> None:
+    """Refuse a negative ``init_loss_weight``, or a positive one for a baseline that does not adapt.
+
+    Raises:
+        ConfigError: naming the value and what is valid.
+    """
+    if not weight >= 0:
+        raise ConfigError(f"init_loss_weight={weight}: expected a number >= 0.")
+    if weight and algorithm in ("multitask", "none"):
+        raise ConfigError(f"init_loss_weight={weight} applies to meta-learners; algorithm={algorithm} does not adapt "
+                          "(multitask already trains at the meta-parameters).")
+
+
 def _count_tokens(batch: Mapping[str, Tensor]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
@@ -141,8 +154,7 @@ class MetaAlgorithm:
         loss_fn_factory: Callable[[nn.Module, int | None], F.LossFn] | None = None,
         init_loss_weight: float = 0.0,
     ) -> None:
-        if not init_loss_weight >= 0:
-            raise ConfigError(f"init_loss_weight={init_loss_weight}: expected a number >= 0.")
+        check_init_loss_weight(self.name, init_loss_weight)
         self.init_loss_weight = float(init_loss_weight)
         self.model = model
         self.params = dict(params)
@@ -629,9 +641,6 @@ def make_algorithm(
         raise ConfigError(f"algorithm={name!r}: expected one of {', '.join(ALGORITHMS)}.")
     if inner.optimizer not in F.INNER_OPTIMIZERS:
         raise ConfigError(f"inner optimizer {inner.optimizer!r}: expected one of {', '.join(F.INNER_OPTIMIZERS)}.")
-    if init_loss_weight and name in ("multitask", "none"):
-        raise ConfigError(f"init_loss_weight={init_loss_weight} applies to meta-learners; algorithm={name} has no "
-                          "adaptation to add it to (multitask already trains at the meta-parameters).")
     inner = dataclasses.replace(inner)
     if name == "maml":
         inner.first_order = False

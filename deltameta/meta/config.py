@@ -122,7 +122,7 @@ class MetaTrainConfig(BaseModelKeys):
         for key in ("inner_lr", "outer_lr", "controller_lr", "tau_start", "tau_end", "alpha"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a positive number.")
-        for key in ("inner_clip", "meta_clip", "init_loss_weight", "weight_decay", "budget_weight", "entropy_weight"):
+        for key in ("inner_clip", "meta_clip", "weight_decay", "budget_weight", "entropy_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: expected a number >= 0.")
         if not 0 < self.budget_target <= 1:
@@ -145,9 +145,9 @@ class MetaTrainConfig(BaseModelKeys):
             raise ConfigError("gradient_checkpointing=true runs tasks one by one; set task_batched=false.")
         if self.first_order is False and self.algorithm in ("fomaml", "reptile", "multitask", "none"):
             raise ConfigError(f"first_order=false contradicts algorithm={self.algorithm}; use algorithm=maml or metasgd.")
-        if self.init_loss_weight > 0 and self.algorithm in ("multitask", "none"):
-            raise ConfigError(f"init_loss_weight={self.init_loss_weight} applies to meta-learners; algorithm="
-                              f"{self.algorithm} does not adapt (multitask already trains at the meta-parameters).")
+        from deltameta.meta.algorithms import check_init_loss_weight
+
+        check_init_loss_weight(self.algorithm, self.init_loss_weight)
         if self.first_order is True and self.algorithm == "maml":
             raise ConfigError("first_order=true with algorithm=maml is algorithm=fomaml; pick one.")
         if not self.output_dir:
