@@ -14,7 +14,8 @@ The current path also holds the 4-bit weights dequantized (:mod:`deltameta.dequa
 shares forwards (the support loss at a scored step comes from that adaptation step's own forward;
 a fresh LoRA's step-0 scores are the zero-shot scores of the same episode, which ``zero-shot``
 computed just before: a LoRA with B = 0 leaves the base's outputs unchanged), computes the query
-loss of a multiple-choice episode in its scoring forward (one extra block per query, see
+loss of an episode in its scoring forward (one extra block per query, in the options' forward for
+multiple choice and in the generation's prefill for free form, see
 :func:`without_query_loss_in_scores`) and, for the trained methods, projects only the positions that
 predict answer tokens onto the vocabulary (f2cba74 did so only without the PEFT wrapper, see
 :func:`full_head_under_peft`); the f2cba74 path recomputes all of these in forwards of their own

@@ -96,7 +96,7 @@ def mixed_evaluator(tmp_path_factory):
 
 
 def test_query_loss_from_the_scoring_forward_equals_its_own_forward(mixed_evaluator):
-    """The query loss of a multiple-choice episode rides in the scoring forward: same numbers, fewer forwards."""
+    """The query loss rides in the scoring forward (MC) or the prefill (free form): same numbers, fewer forwards."""
     evaluator = mixed_evaluator
     embeddings = evaluator.model.get_input_embeddings()
     forwards = 0
@@ -118,8 +118,9 @@ def test_query_loss_from_the_scoring_forward_equals_its_own_forward(mixed_evalua
     (riding, riding_forwards), (separate, separate_forwards) = runs[True], runs[False]
     steps = len(evaluator.config.steps)
     mc_episodes = sum(t.is_multiple_choice for t in evaluator.tasks) * evaluator.config.episodes
-    assert 0 < mc_episodes < len(evaluator.tasks) * evaluator.config.episodes
-    assert separate_forwards - riding_forwards == mc_episodes * steps  # one query-loss forward per scored step
+    episodes = len(evaluator.tasks) * evaluator.config.episodes
+    assert 0 < mc_episodes < episodes
+    assert separate_forwards - riding_forwards == episodes * steps  # one query-loss forward per scored step
     compared = 0
     for a, b in zip(riding, separate):
         for key in ("accuracy", "accuracy_norm", "support_loss"):
@@ -127,4 +128,4 @@ def test_query_loss_from_the_scoring_forward_equals_its_own_forward(mixed_evalua
         for step, loss in b.get("query_loss", {}).items():
             assert a["query_loss"][step] == pytest.approx(loss, rel=1e-5)
             compared += 1
-    assert compared == len(evaluator.tasks) * evaluator.config.episodes * steps
+    assert compared == episodes * steps

@@ -135,11 +135,12 @@ def test_answer_loss_rides_in_the_scoring_forward(scorer, max_length):
         plain.predictions, plain.accuracy, plain.accuracy_norm)
 
 
-def test_answer_loss_is_left_out_when_any_example_is_free_form(scorer):
+def test_answer_loss_is_left_out_for_a_mix_of_multiple_choice_and_free_form(scorer):
     from deltameta.tasks import evaluate_examples
 
     logits_fn, tokenizer = scorer
     assert evaluate_examples(logits_fn, tokenizer, MC, TEMPLATE, answer_loss=True)["answer_loss"] > 0
+    assert evaluate_examples(logits_fn, tokenizer, FREE, TEMPLATE, answer_loss=True)["answer_loss"] > 0
     assert evaluate_examples(logits_fn, tokenizer, MC + FREE[:1], TEMPLATE, answer_loss=True)["answer_loss"] is None
     assert evaluate_examples(logits_fn, tokenizer, MC, TEMPLATE)["answer_loss"] is None
 
@@ -163,6 +164,33 @@ def test_free_form_generation_unchanged(scorer, demos):
     stops = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in _reference_generate(logits_fn, prompt_ids, budget, stops, pad)]
     assert fast.predictions == [t.strip().split("\n", 1)[0].strip() if t.strip() else "" for t in texts]
+
+
+@pytest.mark.parametrize("demos", [False, True])
+def test_free_form_answer_loss_rides_in_the_prefill(scorer, demos):
+    """``answer_loss=True`` gives the loss of the encoded query batch and generates the same answers."""
+    from deltameta.tasks import encode_examples, lm_loss
+
+    logits_fn, tokenizer = scorer
+    in_context = DEMOS if demos else None
+    plain = score_free_form(logits_fn, tokenizer, FREE, TEMPLATE, in_context=in_context, batch_size=2)
+    with_loss = score_free_form(logits_fn, tokenizer, FREE, TEMPLATE, in_context=in_context, batch_size=2,
+                                answer_loss=True)
+    batch = encode_examples(tokenizer, FREE, TEMPLATE, 256, in_context=in_context)
+    want = float(lm_loss(logits_fn(batch["input_ids"], batch["attention_mask"]), batch["labels"]))
+    assert plain.answer_loss is None
+    assert with_loss.answer_loss == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert (with_loss.predictions, with_loss.exact, with_loss.normalized) == (
+        plain.predictions, plain.exact, plain.normalized)
+
+
+def test_free_form_answer_loss_is_left_to_the_caller_when_a_prompt_is_cut_differently(scorer):
+    """Generation keeps ``max_length - max_new_tokens`` prompt tokens, a loss row ``max_length - answer``."""
+    logits_fn, tokenizer = scorer
+    plain = score_free_form(logits_fn, tokenizer, FREE, TEMPLATE, max_length=12, batch_size=2)
+    with_loss = score_free_form(logits_fn, tokenizer, FREE, TEMPLATE, max_length=12, batch_size=2, answer_loss=True)
+    assert with_loss.answer_loss is None
+    assert with_loss.predictions == plain.predictions
 
 
 def test_cached_generation_passes_the_cache_under_the_models_current_keyword(scorer):

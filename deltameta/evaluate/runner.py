@@ -180,9 +180,11 @@ class Evaluator:
         # last comes from the adaptation step's own forward, and a fresh LoRA (B = 0) scores at step 0 what the
         # frozen base scores, computed once per episode. False recomputes both (benchmarks/evaluate_speed.py).
         self.shared_forwards = True
-        # The query loss of a multiple-choice episode rides in the scoring forward (one extra block per query,
-        # score_multiple_choice(answer_loss=True)) instead of a forward of its own: equal to float rounding, not
-        # bitwise (tests/test_evaluate_shared_forwards.py). False computes it separately (benchmarks/evaluate_speed.py).
+        # The query loss of an episode rides in the scoring forward (one extra block per query, answer_loss=True of
+        # score_multiple_choice, or of score_free_form's prefill where prompts are cut alike) instead of a forward of
+        # its own: equal to float rounding, not bitwise (tests/test_evaluate_shared_forwards.py). Episodes that mix
+        # both kinds, or whose prompts are cut differently, keep their own forward. False always computes it
+        # separately (benchmarks/evaluate_speed.py).
         self.query_loss_from_scores = True
         self._base_scores: tuple[Any, dict[str, float | None]] | None = None  # (episode, zero-shot scores)
         self.model = base

@@ -8,7 +8,9 @@ Multiple choice runs the shared prompt of a query once: the prompt and all its o
 in one row, each option attending to the prompt and to itself only (a block-causal 4-D mask) at the
 positions it would have after the prompt, so every option gets exactly the log-likelihood it gets
 in a row of its own, for one forward instead of one per option. Free-form answers are generated
-greedily with a KV cache (the prompt runs once, then one token per step).
+greedily with a KV cache (the prompt runs once, then one token per step). Either scorer can also
+return the loss of the answers (the query loss of an episode): one more block per example rides
+in the forward that runs the prompt, and nothing scored attends to it.
 """
 
 from __future__ import annotations
@@ -185,17 +187,13 @@ def _pack(pairs: list[tuple[int, int, list[int], list[int]]]) -> list[_Packed]:
     return list(rows.values())
 
 
-def _score_packed(logits_fn: LogitsFn, rows: Sequence[_Packed], pad: int, device) -> list[list[tuple[int, float, int]]]:
-    """Score one batch of packed rows in one forward.
+def _packed_inputs(rows: Sequence[_Packed], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay packed rows out for one forward: ``(input_ids, position_ids, blocks)``, each ``(rows, width)``.
 
-    Rows are left-padded so that they all end at the last column; only the logits of the last
-    ``1 + longest answer block`` columns are computed.
-
-    Returns:
-        Per row, ``(option index, summed log-likelihood, token count)`` of each option.
+    Rows are left-padded so that they all end at the last column; each option block takes the
+    positions it would have right after the prompt; ``blocks`` is what :func:`block_causal_mask` reads.
     """
     width = max(len(r.prompt) + r.answer_length for r in rows)
-    keep = 1 + max(r.answer_length for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     positions = torch.zeros_like(ids)
     blocks = torch.full_like(ids, -1)
@@ -209,13 +207,18 @@ def _score_packed(logits_fn: LogitsFn, rows: Sequence[_Packed], pad: int, device
         ids[row, start:] = torch.tensor(tokens)
         positions[row, start:] = torch.tensor(pos)
         blocks[row, start:] = torch.tensor(block)
-    mask = block_causal_mask(blocks)
-    if device is not None:
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    logits = logits_fn(ids, mask, position_ids=positions, logits_to_keep=keep)
-    logits = logits[:, -keep:, :]  # a logits_fn may return every position
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    offset = width - keep  # column of logits index 0
+    return ids, positions, blocks
+
+
+def _option_scores(logprobs: torch.Tensor, rows: Sequence[_Packed], width: int) -> list[list[tuple[int, float, int]]]:
+    """Per row, ``(option index, summed log-likelihood, token count)`` of each option block.
+
+    Args:
+        logprobs: Log-probabilities of the last ``logprobs.size(1)`` columns of the packed rows.
+        rows: The rows, laid out by :func:`_packed_inputs`.
+        width: Their width.
+    """
+    offset = width - logprobs.size(1)  # column of logprobs index 0
     results = []
     for row, packed in enumerate(rows):
         column = width - packed.answer_length  # first answer column of this row
@@ -232,6 +235,24 @@ def _score_packed(logits_fn: LogitsFn, rows: Sequence[_Packed], pad: int, device
             column += len(target)
         results.append(scored)
     return results
+
+
+def _score_packed(logits_fn: LogitsFn, rows: Sequence[_Packed], pad: int, device) -> list[list[tuple[int, float, int]]]:
+    """Score one batch of packed rows in one forward.
+
+    Only the logits of the last ``1 + longest answer block`` columns are computed.
+
+    Returns:
+        Per row, ``(option index, summed log-likelihood, token count)`` of each option.
+    """
+    ids, positions, blocks = _packed_inputs(rows, pad)
+    keep = 1 + max(r.answer_length for r in rows)
+    mask = block_causal_mask(blocks)
+    if device is not None:
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    logits = logits_fn(ids, mask, position_ids=positions, logits_to_keep=keep)
+    logits = logits[:, -keep:, :]  # a logits_fn may return every position
+    return _option_scores(torch.log_softmax(logits.float(), dim=-1), rows, ids.size(1))
 
 
 @torch.no_grad()
@@ -351,7 +372,7 @@ def greedy_generate(
     has stopped keeps being fed (its output is frozen) until every row has stopped.
 
     Args:
-        logits_fn: See :data:`LogitsFn` (called with ``past_key_values`` and ``logits_to_keep=1``).
+        logits_fn: See :data:`LogitsFn` (called with ``past_key_values`` and ``logits_to_keep``).
         prompts: Token ids of each prompt (each non-empty).
         max_new_tokens: Most tokens generated per prompt.
         stop_ids: Tokens that end a generation (not included in the output).
@@ -363,31 +384,53 @@ def greedy_generate(
     Returns:
         The generated token ids of each prompt.
     """
+    rows = [_Packed(owner, list(p), []) for owner, p in enumerate(prompts)]
+    return _generate(logits_fn, rows, max_new_tokens, stop_ids, pad_id, device, done)[0]
+
+
+def _generate(
+    logits_fn: LogitsFn,
+    rows: Sequence[_Packed],
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    device: torch.device | str | None,
+    done: Callable[[list[int]], bool] | None,
+) -> tuple[list[list[int]], list[list[tuple[int, float, int]]]]:
+    """:func:`greedy_generate` of ``rows``, scoring the blocks packed after each prompt in its prefill.
+
+    A block after a prompt (see :func:`_packed_inputs`) rides in the prompt's forward and is scored
+    like a multiple-choice option; its columns then stay in the KV cache but are masked out, so the
+    generated tokens attend to the prompt and to themselves only, at the positions right after the
+    prompt, as without the block.
+
+    Returns:
+        The generated token ids of each row, and per row the ``(option, summed log-likelihood,
+        token count)`` of its blocks (see :func:`_option_scores`).
+    """
     from transformers import DynamicCache
 
-    rows = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in rows]
     if not rows or max_new_tokens < 1:
-        return outputs
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    blocks = torch.full_like(ids, -1)
-    positions = torch.zeros_like(ids)
-    for row, tokens in enumerate(rows):
-        ids[row, width - len(tokens) :] = torch.tensor(tokens)
-        blocks[row, width - len(tokens) :] = 0
-        positions[row, width - len(tokens) :] = torch.arange(len(tokens))
-    keys = blocks >= 0  # which cache columns are real tokens
+        return outputs, [[] for _ in rows]
+    ids, positions, blocks = _packed_inputs(rows, pad_id)
+    keep = 1 + max(r.answer_length for r in rows)
+    keys = blocks == 0  # which cache columns later tokens attend to: the prompts only
     mask = block_causal_mask(blocks)
-    next_position = torch.tensor([len(r) for r in rows])
+    next_position = torch.tensor([len(r.prompt) for r in rows])
+    last_prompt = torch.tensor([keep - 1 - r.answer_length for r in rows])  # in the kept logits
     if device is not None:
         ids, mask, positions, keys, next_position = (t.to(device) for t in (ids, mask, positions, keys, next_position))
     cache = DynamicCache()
-    logits = logits_fn(ids, mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    logits = logits_fn(ids, mask, position_ids=positions, past_key_values=cache, logits_to_keep=keep)
+    logits = logits[:, -keep:, :]  # a logits_fn may return every position
+    scored = _option_scores(torch.log_softmax(logits.float(), dim=-1), rows, ids.size(1)) if keep > 1 else \
+        [[] for _ in rows]
+    step_logits = logits[torch.arange(len(rows), device=logits.device), last_prompt.to(logits.device)]
     active = [True] * len(rows)
     stops = set(stop_ids)
     for step in range(max_new_tokens):
-        chosen = logits[:, -1, :].argmax(-1)
+        chosen = step_logits.argmax(-1)
         for row, token in enumerate(chosen.tolist()):
             if not active[row]:
                 continue
@@ -401,10 +444,10 @@ def greedy_generate(
             break
         keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
         step_mask = keys[:, None, None, :]
-        logits = logits_fn(chosen[:, None], step_mask, position_ids=next_position[:, None], past_key_values=cache,
-                           logits_to_keep=1)
+        step_logits = logits_fn(chosen[:, None], step_mask, position_ids=next_position[:, None],
+                                past_key_values=cache, logits_to_keep=1)[:, -1, :]
         next_position = next_position + 1
-    return outputs
+    return outputs, scored
 
 
 @dataclasses.dataclass
@@ -417,6 +460,9 @@ class FreeFormResult:
         normalized: Per example, whether they match after :func:`normalize_answer`.
         exact_match: Mean of ``exact``.
         normalized_match: Mean of ``normalized``.
+        answer_loss: With ``answer_loss=True``, the mean cross-entropy over the answer tokens (and
+            EOS) of every example's ``target``, as :attr:`MultipleChoiceResult.answer_loss`; ``None``
+            otherwise, or when some prompt is cut differently for generation and for its loss row.
     """
 
     predictions: list[str]
@@ -424,6 +470,7 @@ class FreeFormResult:
     normalized: list[bool]
     exact_match: float
     normalized_match: float
+    answer_loss: float | None = None
 
 
 def score_free_form(
@@ -437,8 +484,16 @@ def score_free_form(
     batch_size: int = 16,
     generate_fn: Callable[[list[str]], list[str]] | None = None,
     device: torch.device | str | None = None,
+    answer_loss: bool = False,
 ) -> FreeFormResult:
     """Generate answers greedily and compare them with the targets.
+
+    With ``answer_loss`` (and ``logits_fn``), each prompt's ``target`` followed by EOS rides in the
+    prompt's prefill forward as a block the generated tokens never attend to (see :func:`_generate`),
+    so the loss of the answers costs a few tokens instead of a forward of its own. It rides only
+    when every prompt is cut alike for generation (``max_length - max_new_tokens`` tokens) and for
+    its loss row (as :func:`~deltameta.tasks.encoding.encode_examples` cuts it); otherwise
+    :attr:`FreeFormResult.answer_loss` is ``None`` and the caller computes the loss itself.
 
     Args:
         logits_fn: See :data:`LogitsFn` (or ``None`` with ``generate_fn``).
@@ -451,6 +506,7 @@ def score_free_form(
         batch_size: Prompts per batch.
         generate_fn: Alternative to ``logits_fn``: maps prompt texts to generated texts.
         device: Where to put the batches.
+        answer_loss: Also compute :attr:`FreeFormResult.answer_loss` (ignored with ``generate_fn``).
 
     Returns:
         Predictions and match rates; a prediction is the generated text up to the first newline
@@ -463,6 +519,7 @@ def score_free_form(
         raise ConfigError("score_free_form needs at least one example.")
     template = template or DEFAULT_TEMPLATE
     prompts = [template.render_prompt(e, in_context or ()) for e in examples]
+    loss: float | None = None
     if generate_fn is not None:
         texts = list(generate_fn(prompts))
     elif logits_fn is not None:
@@ -471,16 +528,30 @@ def score_free_form(
         if max_new_tokens is None:
             max_new_tokens = max(len(t) for _, t in pairs) + 4
         prompt_ids = [p[-max(1, max_length - max_new_tokens) :] for p, _ in pairs]
+        rows = [_Packed(number, prompt, []) for number, prompt in enumerate(prompt_ids)]
+        riding = False
+        if answer_loss:
+            answers = [truncate_pair(p, t, max_length)[:2]
+                       for p, t in tokenize_pairs(tokenizer, prompts, targets, add_eos=True)]
+            riding = all(p == prompt for (p, _), prompt in zip(answers, prompt_ids))
+            if riding:
+                rows = [_Packed(number, prompt, [(ANSWER_BLOCK, target)])
+                        for number, (prompt, target) in enumerate(answers)]
         stops = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
         texts = []
+        loss_total, loss_count = 0.0, 0
 
         def first_line_complete(tokens: list[int]) -> bool:  # later tokens cannot change the prediction
             return "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
-        for start in range(0, len(prompt_ids), batch_size):
-            generated = greedy_generate(logits_fn, prompt_ids[start : start + batch_size], max_new_tokens, stops,
-                                        pad_token_id(tokenizer), device, done=first_line_complete)
+        for start in range(0, len(rows), batch_size):
+            generated, scored = _generate(logits_fn, rows[start : start + batch_size], max_new_tokens, stops,
+                                          pad_token_id(tokenizer), device, first_line_complete)
             texts.extend(tokenizer.decode(g, skip_special_tokens=True) for g in generated)
+            for _, total, count in (block for blocks in scored for block in blocks):
+                loss_total, loss_count = loss_total - total, loss_count + count
+        if riding:
+            loss = loss_total / max(loss_count, 1)
     else:
         raise ConfigError("score_free_form needs logits_fn or generate_fn.")
     predictions = [text.strip().split("\n", 1)[0].strip() if text.strip() else "" for text in texts]
@@ -492,6 +563,7 @@ def score_free_form(
         normalized=normalized,
         exact_match=sum(exact) / len(examples),
         normalized_match=sum(normalized) / len(examples),
+        answer_loss=loss,
     )
 
 
@@ -509,9 +581,9 @@ def evaluate_examples(
     """Score a mix of examples: multiple choice by log-likelihood, free-form by exact match.
 
     Args:
-        answer_loss: When every example is multiple choice, also return ``answer_loss`` from the
-            scoring forward (see :func:`score_multiple_choice`); with any free-form example it is
-            not computed (``None``).
+        answer_loss: When every example is multiple choice, or every one free form, also return
+            ``answer_loss`` from the scoring forward (see :func:`score_multiple_choice` and
+            :func:`score_free_form`); for a mix of both it is not computed (``None``).
 
     Returns:
         ``accuracy`` (summed-likelihood MC predictions and exact matches over all examples),
@@ -530,8 +602,11 @@ def evaluate_examples(
         loss = result.answer_loss
     if free:
         generated = score_free_form(
-            logits_fn, tokenizer, free, template, max_length, in_context, batch_size=batch_size, device=device
+            logits_fn, tokenizer, free, template, max_length, in_context, batch_size=batch_size, device=device,
+            answer_loss=answer_loss and not mc,
         )
+        if not mc:
+            loss = generated.answer_loss
         hits += generated.exact_match * len(free)
         hits_norm += generated.normalized_match * len(free)
     count = max(len(examples), 1)
