@@ -193,6 +193,19 @@ def test_free_form_answer_loss_is_left_to_the_caller_when_a_prompt_is_cut_differ
     assert with_loss.predictions == plain.predictions
 
 
+def test_free_form_scoring_builds_no_autograd_graph(scorer):
+    logits_fn, tokenizer = scorer
+    grad_enabled = []
+
+    def recording(*args, **kwargs):
+        grad_enabled.append(torch.is_grad_enabled())
+        return logits_fn(*args, **kwargs)
+
+    with torch.enable_grad():
+        score_free_form(recording, tokenizer, FREE, TEMPLATE, answer_loss=True)
+    assert grad_enabled and not any(grad_enabled)
+
+
 def test_cached_generation_passes_the_cache_under_the_models_current_keyword(scorer):
     """transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns on the old name (removed in 5.40)."""
     import warnings

@@ -388,6 +388,7 @@ def greedy_generate(
     return _generate(logits_fn, rows, max_new_tokens, stop_ids, pad_id, device, done)[0]
 
 
+@torch.no_grad()
 def _generate(
     logits_fn: LogitsFn,
     rows: Sequence[_Packed],
