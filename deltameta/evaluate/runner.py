@@ -327,7 +327,7 @@ class Evaluator:
         return [sampler.episode(i) for i in range(c.episodes)]
 
     def _score(self, episode: Any, in_context: bool, answer_loss: bool = False) -> dict[str, float | None]:
-        """``evaluate_examples`` of ``episode``'s queries (``answer_loss``: also their query loss, where MC)."""
+        """``evaluate_examples`` of ``episode``'s queries (``answer_loss``: also their query loss, where it rides)."""
         from deltameta.tasks import evaluate_examples
 
         c = self.config
