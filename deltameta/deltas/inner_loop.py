@@ -53,6 +53,8 @@ class InnerLoopRecord:
         eps: Adam's epsilon (``adam`` only, else ``None``).
         learned_rates: Whether per-tensor (or per-element) learned rates exist (Meta-SGD).
         max_length: Token limit per example in meta-training.
+        query_context: ``none``, or ``support``: every query prompt carried the support examples as
+            in-context demonstrations (records without the field: ``none``).
     """
 
     algorithm: str
@@ -67,6 +69,7 @@ class InnerLoopRecord:
     eps: float | None = None
     learned_rates: bool = False
     max_length: int | None = None
+    query_context: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON dict (``schema`` first)."""
@@ -93,6 +96,9 @@ class InnerLoopRecord:
         values = {k: v for k, v in data.items() if k in fields}
         if values.get("betas") is not None:
             values["betas"] = tuple(float(b) for b in values["betas"])
+        if values.get("query_context", "none") not in ("none", "support"):
+            raise MetaStateError(f"{where}: field 'query_context' is {values['query_context']!r}; "
+                                 "expected 'none' or 'support'.")
         return cls(**values)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
@@ -111,6 +117,8 @@ class InnerLoopRecord:
                 f"{'first' if self.first_order else 'second'}-order, {self.shots} shots, query {self.query_size}")
         if self.optimizer == "adam":
             text += f", betas {list(self.optimizer_kwargs()['betas'])}, eps {self.optimizer_kwargs()['eps']:g}"
+        if self.query_context == "support":
+            text += ", queries scored with the support examples as in-context demonstrations"
         return text
 
 
@@ -142,6 +150,7 @@ def record_from_config(config: Mapping[str, Any], first_order: bool | None = Non
         eps=float(config.get("inner_eps", 1e-8)) if optimizer == "adam" else None,
         learned_rates=learned_rates,
         max_length=config.get("max_length"),
+        query_context=str(config.get("query_context") or "none"),
     )
 
 

@@ -55,6 +55,10 @@ class EvaluateConfig(BaseModelKeys):
     balanced: bool = field(False, "class-balanced support/query for multiple choice")
     max_length: int = field(256, "maximum tokens per example")
     icl_max_length: int = field(0, "maximum tokens of an ICL prompt with k demonstrations (0: max_length * (shots + 1))")
+    query_context: Literal["none", "support"] | None = field(
+        None, "what the query prompts of every adapted method (fresh-lora, multitask, meta) carry before their input: "
+        "none, or support (the k support examples as demonstrations, up to icl_max_length tokens); null = the "
+        "meta-adapter's recorded query_context (none without a record)")
 
     # adaptation (the same inner loop for every method that trains; null = the meta-adapter's recorded one)
     steps: list[int] = field([0, 5, 10], "score the query set after these numbers of adaptation steps "
@@ -111,6 +115,9 @@ class EvaluateConfig(BaseModelKeys):
         self.steps = sorted(set(self.steps))
         if self.shots == 0 and max(self.steps) > 0:  # null is resolved from the meta-adapter (>= 1)
             raise ConfigError(f"shots=0 leaves nothing to adapt on, but steps={self.steps}; use steps=[0] or shots >= 1.")
+        if self.query_context not in (None, "none", "support"):
+            raise ConfigError(f"query_context='{self.query_context}': expected none, support, or null for the "
+                              "meta-adapter's recorded one.")
         if self.inner_lr is not None and self.inner_lr <= 0:
             raise ConfigError(f"inner_lr={self.inner_lr}: expected a positive number, or null for the meta-adapter's.")
         if (self.inner_clip is not None and self.inner_clip < 0) or self.alpha < 0:

@@ -195,6 +195,16 @@ def _preparation_line(method: str, prep: dict[str, Any]) -> str:
             f"{prep.get('meta_batch_size')} tasks x ({per_task}) passes{tokens})")
 
 
+def _query_context_line(results: dict[str, Any]) -> str:
+    """A sentence naming the adapted methods whose queries carried the support examples (``query_context=support``)."""
+    methods = [m for m, info in results["methods"].items()
+               if (info.get("inner_loop") or {}).get("query_context") == "support"]
+    if not methods:
+        return ""
+    return (f" {', '.join(methods)} score each query after the k support examples as demonstrations "
+            "(`query_context=support`, as icl does).")
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Render the summary as markdown: accuracy (%) ± 95% CI across tasks, per method and step."""
     steps = [str(s) for s in results["steps"]]
@@ -208,7 +218,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{n_tasks} tasks ({_families(results)}) x {config['episodes']} episodes, k={config['shots']} support / {_query_sizes(results)} query "
         f"examples per episode, seed {config['seed']}. Multiple choice by log-likelihood, free-form by exact match; "
         "`acc` sums the option's token log-likelihoods, `acc_norm` divides them by the option's token count "
-        "(free form: match after normalising case, punctuation and articles).",
+        "(free form: match after normalising case, punctuation and articles)."
+        + _query_context_line(results),
         "",
         "Statistics: per task, the mean over its episodes; then the mean across tasks ± the 95% CI half-width "
         "(Student t over the per-task means, n = tasks). Differences are paired: per task, the difference of the "

@@ -175,6 +175,10 @@ class Evaluator:
             self.initial["meta-dynamic"] = {n: p.detach().clone() for n, p in self.delta.params.items()}
             if self.record is None and self.delta.inner_loop is not None:
                 self.record, self.rates = self.delta.inner_loop, self.delta.inner_lrs
+        if c.query_context is None:
+            c.query_context = self.record.query_context if self.record is not None else "none"
+            if c.query_context != "none":
+                logger.info("query_context=%s: the meta-adapter's recorded query prompts", c.query_context)
         self.current: str | None = None
         # Exact shortcuts (tests/test_evaluate_shared_forwards.py): the support loss at a scored step before the
         # last comes from the adaptation step's own forward, and a fresh LoRA (B = 0) scores at step 0 what the
@@ -331,12 +335,20 @@ class Evaluator:
         from deltameta.tasks import evaluate_examples
 
         c = self.config
-        max_length = c.max_length
-        if in_context:
-            max_length = c.icl_max_length or c.max_length * (c.shots + 1)
         return evaluate_examples(common.logits_fn(self.model, self.autocast), self.tokenizer, episode.query,
-                                 episode.task.template, max_length, in_context=episode.support if in_context else None,
+                                 episode.task.template, self._max_length(in_context),
+                                 in_context=episode.support if in_context else None,
                                  batch_size=c.batch_size, device=self.device, answer_loss=answer_loss)
+
+    def _max_length(self, in_context: bool) -> int:
+        """Token limit of a query row: ``max_length``, or ``icl_max_length`` (default ``max_length * (shots + 1)``)."""
+        c = self.config
+        return (c.icl_max_length or c.max_length * (c.shots + 1)) if in_context else c.max_length
+
+    @property
+    def queries_in_context(self) -> bool:
+        """Whether the adapted methods score their queries after the support examples (``query_context=support``)."""
+        return self.config.query_context == "support"
 
     def _without_adapter(self, fn: Callable[[], Any]) -> Any:
         context = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
@@ -419,18 +431,21 @@ class Evaluator:
         else:
             model, live, controller = self.model, common.activate(self.model, PEFT_NAME[method]), None
         start = F.detached(self.initial[method if method == "meta-dynamic" else PEFT_NAME[method]])
-        encode = lambda examples: {k: v.to(self.device) for k, v in  # noqa: E731
-                                   encode_examples(self.tokenizer, list(examples), episode.task.template, c.max_length).items()
-                                   if k in ("input_ids", "attention_mask", "labels")}
+
+        def encode(examples: Any, in_context: Any = None) -> dict[str, torch.Tensor]:
+            batch = encode_examples(self.tokenizer, list(examples), episode.task.template,
+                                    self._max_length(in_context is not None), in_context=in_context)
+            return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
         support = encode(episode.support) if episode.support else None
-        query = encode(episode.query)
+        query = encode(episode.query, episode.support if self.queries_in_context and episode.support else None)
         loss_fn = F.lm_loss_fn(model, use_cache=False)
         lr = self._rates_for(method, live, inner)
         result["query_loss"] = {}
         scoring_model = self.model
         last = max(steps) if support is not None else 0
         support_losses: list[float] = []  # adapt's step k forward: the support loss at step k (k < last)
-        base_at_start = self.shared_forwards and self._leaves_base_unchanged(method, start)
+        base_at_start = self.shared_forwards and not self.queries_in_context and self._leaves_base_unchanged(method, start)
 
         def on_step(k: int, current: dict[str, torch.Tensor]) -> None:
             if k not in steps:
@@ -443,7 +458,8 @@ class Evaluator:
                     if k == 0 and base_at_start:
                         scores = self._base_scores_of(episode)
                     else:
-                        scores = self._score(episode, in_context=False, answer_loss=self.query_loss_from_scores)
+                        scores = self._score(episode, in_context=self.queries_in_context,
+                                             answer_loss=self.query_loss_from_scores)
                     if support is None:
                         result["support_loss"][str(k)] = None
                     elif k < last and self.shared_forwards:
@@ -508,7 +524,7 @@ class Evaluator:
             (record.clip or 0.0) if record is not None else DEFAULT_INNER["clip"])
         learned = bool(method in ("meta", "meta-dynamic") and c.inner_lr is None and self.rates)
         used: dict[str, Any] = {"optimizer": optimizer, "lr": lr, "learned_rates": learned, "clip": clip,
-                                "steps": list(c.steps), "first_order": True,
+                                "steps": list(c.steps), "first_order": True, "query_context": c.query_context,
                                 "parameters": ("delta model: LoRA A/B, TARP Σ map, multiplicative term"
                                                if method == "meta-dynamic" else "PEFT LoRA A/B"),
                                 "source": "recorded" if record is not None else "defaults (no recorded inner loop)"}
@@ -527,6 +543,8 @@ class Evaluator:
                 mismatch.append(f"clip {clip:g} (trained with {record.clip or 0:g})")
             if record.shots is not None and c.shots != record.shots:
                 mismatch.append(f"shots {c.shots} (trained with {record.shots})")
+            if c.query_context != record.query_context:
+                mismatch.append(f"query_context {c.query_context} (trained with {record.query_context})")
         used["recorded"] = record.to_dict() if record is not None and method in ("meta", "meta-dynamic") else None
         used["mismatch"] = mismatch
         if mismatch:

@@ -244,7 +244,7 @@ class _Trainer:
                 p.copy_(fast[name].detach())
         return {"kind": "inner_loop", "step": 0, "inner_steps": record.steps, "support_losses": losses,
                 "optimizer": record.optimizer, "lr": "learned" if self.rates else record.lr, "clip": record.clip,
-                "examples": int(batch["input_ids"].shape[0])}
+                "examples": int(batch["input_ids"].shape[0]), "query_context": record.query_context}
 
     def _next_rows(self) -> list[tuple[list[int], list[int]]]:
         rows = []

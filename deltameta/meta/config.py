@@ -41,6 +41,10 @@ class MetaTrainConfig(BaseModelKeys):
     shots: int = field(4, "support examples per task (k)")
     query_size: int = field(4, "query examples per task")
     max_length: int = field(128, "maximum tokens per example")
+    query_context: Literal["none", "support"] = field(
+        "none", "what a query prompt carries before its input: none, or support (the episode's k support examples "
+        "with answers as in-context demonstrations, MetaICL-style as in MAML-en-LLM; up to max_length * (shots + 1) "
+        "tokens); the multitask twin trains on the same query prompts, and evaluate scores queries alike")
 
     # deltas and controller
     delta: Literal["lora", "tarp"] = field("tarp", "adapter delta: lora or tarp (dynamic low-rank)")
@@ -116,6 +120,11 @@ class MetaTrainConfig(BaseModelKeys):
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
         if self.shots == 0 and self.algorithm != "multitask":
             raise ConfigError(f"shots=0 leaves nothing to adapt on; algorithm={self.algorithm} needs shots >= 1.")
+        if self.query_context not in ("none", "support"):
+            raise ConfigError(f"query_context='{self.query_context}': expected none or support.")
+        if self.query_context == "support" and self.shots == 0:
+            raise ConfigError("query_context=support puts the support examples before every query, but shots=0; "
+                              "set shots >= 1 or query_context=none.")
         from deltameta.config import check_finite
 
         check_finite(self)
@@ -157,6 +166,10 @@ class MetaTrainConfig(BaseModelKeys):
 
             for op in self.ops:
                 parse_op(op)
+
+    def query_max_length(self) -> int:
+        """Token limit of a query row: ``max_length``, or ``max_length * (shots + 1)`` with demonstrations."""
+        return self.max_length * (self.shots + 1) if self.query_context == "support" else self.max_length
 
     def is_first_order(self) -> bool:
         """Whether the inner loop drops second-order terms."""

@@ -122,7 +122,8 @@ def make_sampler(collection: Any, config: Any, seed: int, what: str) -> Any:
     return sampler
 
 
-def encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int) -> dict[str, torch.Tensor]:
+def encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int,
+           in_context: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
     """Encode examples of ``task`` with the loss on the target only (see :func:`deltameta.tasks.encode_examples`).
 
     Args:
@@ -130,11 +131,13 @@ def encode(tokenizer: Any, task: Any, examples: Sequence[Any], max_length: int) 
         task: The episode's task (its template is used).
         examples: The examples to encode.
         max_length: Maximum sequence length in tokens.
+        in_context: Demonstrations put before every prompt (``query_context=support``).
 
     Returns:
         ``{input_ids, attention_mask, labels}`` as ``[n, L]`` tensors.
     """
     from deltameta.tasks.encoding import encode_examples
 
-    out = encode_examples(tokenizer, list(examples), template=getattr(task, "template", None), max_length=max_length)
+    out = encode_examples(tokenizer, list(examples), template=getattr(task, "template", None), max_length=max_length,
+                          in_context=in_context)
     return {k: out[k] for k in ("input_ids", "attention_mask", "labels")}

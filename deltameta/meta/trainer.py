@@ -219,8 +219,10 @@ class MetaTrainer:
                                   f"of {self.run_dir}; pass outer_steps={self._start_step} or more.")
 
     def _encode(self, episode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        support = data.encode(self.tokenizer, episode.task, episode.support, self.config.max_length)
-        query = data.encode(self.tokenizer, episode.task, episode.query, self.config.max_length)
+        c = self.config
+        support = data.encode(self.tokenizer, episode.task, episode.support, c.max_length)
+        demonstrations = episode.support if c.query_context == "support" else None
+        query = data.encode(self.tokenizer, episode.task, episode.query, c.query_max_length(), in_context=demonstrations)
         move = lambda b: {k: v.to(self.device) for k, v in b.items()}  # noqa: E731
         return move(support), move(query)
 

@@ -1,0 +1,142 @@
+"""``query_context=support``: query prompts carry the support examples as demonstrations (MetaICL-style).
+
+* meta-train encodes every query after the episode's support examples (up to
+  ``max_length * (shots + 1)`` tokens), for the meta-learner and its multitask twin alike;
+* the record travels with the adapter (meta-state, ``deltameta.json``, card);
+* ``evaluate`` scores the adapted methods' queries the same way by default (a fresh LoRA at
+  step 0 is then exactly ICL), flags an override, and its query loss is the same whether it
+  rides in the scoring forward or not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltameta.config import build_config
+from deltameta.errors import ConfigError, MetaStateError
+from deltameta.evaluate import EvaluateConfig, Evaluator
+from test_finetune_helpers import TINY, one_thread
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RUN = dict(algorithm="metasgd", delta="lora", controller="none", inner_steps=1, outer_steps=2, outer_lr=0.05,
+           eval_every=0, checkpoint_every=0, export=True, query_context="support")
+EVAL_TASKS = dict(tasks="builtin:caesar,string_op,kv_lookup,linear", splits="train=0.5,validation=0.5",
+                  split="validation", builtin_tasks_per_family=3, builtin_examples_per_task=8)
+
+
+@pytest.fixture(scope="module")
+def support_run(tmp_path_factory):
+    from deltameta.meta.trainer import run_meta_train
+    from meta_helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("query-context")
+    with one_thread():
+        run_meta_train(tiny_config(root, **RUN))
+    return root / "run"
+
+
+def test_config_rejects_demonstrations_without_shots_and_unknown_values(tmp_path):
+    from meta_helpers import tiny_config
+
+    with pytest.raises(ConfigError, match="query_context=support .* shots=0"):
+        tiny_config(tmp_path, algorithm="multitask", shots=0, query_context="support")
+    with pytest.raises(ConfigError, match="query_context"):
+        tiny_config(tmp_path, query_context="demos")
+    with pytest.raises(ConfigError, match="query_context"):
+        build_config(EvaluateConfig, overrides=dict(TINY, query_context="demos", output_dir=str(tmp_path / "e")))
+    assert tiny_config(tmp_path, query_context="support").query_max_length() == 96 * 3
+    assert tiny_config(tmp_path).query_max_length() == 96
+
+
+def test_meta_train_queries_follow_the_support_examples(tmp_path):
+    """The trainer's query batch is the support examples + each query, encoded like ICL; the support batch is not."""
+    from deltameta.meta.run_dir import prepare_run_dir
+    from deltameta.meta.trainer import MetaTrainer
+    from deltameta.tasks import encode_examples
+    from meta_helpers import tiny_config
+
+    def trainer(name, **overrides):
+        config = tiny_config(tmp_path / name, algorithm="multitask", controller="none", delta="lora", **overrides)
+        return MetaTrainer(config, prepare_run_dir(config.output_dir))
+
+    with one_thread():
+        plain, demos = trainer("a"), trainer("b", query_context="support")
+    episode = demos.sampler.episode(0)
+    support, query = demos._encode(episode)
+    plain_support, plain_query = plain._encode(episode)
+    assert torch.equal(support["input_ids"], plain_support["input_ids"])
+    expected = encode_examples(demos.tokenizer, episode.query, episode.task.template, 96 * 3, in_context=episode.support)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(query[key], expected[key]), key
+    assert query["input_ids"].shape[1] > plain_query["input_ids"].shape[1]
+    # the answers (label tokens) are the same; only the prompts grew
+    answers = lambda batch: [row[row != -100].tolist() for row in batch["labels"]]  # noqa: E731
+    assert answers(query) == answers(plain_query)
+    text = demos.tokenizer.decode(query["input_ids"][0][query["attention_mask"][0].bool()])
+    first = episode.task.template.render_input(episode.support[0]).strip()
+    assert first[:20] in text
+
+
+def test_the_record_travels_with_the_adapter(support_run):
+    from deltameta.deltas import load_meta_state
+    from deltameta.deltas.inner_loop import InnerLoopRecord
+
+    record = load_meta_state(support_run).inner_loop
+    assert record.query_context == "support"
+    meta = json.loads((support_run / "peft" / "deltameta.json").read_text())
+    assert meta["inner_loop"]["query_context"] == "support"
+    assert "support examples as in-context demonstrations" in (support_run / "peft" / "README.md").read_text()
+    older = {k: v for k, v in record.to_dict().items() if k != "query_context"}
+    assert InnerLoopRecord.from_dict(older).query_context == "none", "records before the field read as none"
+    with pytest.raises(MetaStateError, match="query_context"):
+        InnerLoopRecord.from_dict(dict(record.to_dict(), query_context="all"))
+
+
+def _evaluator(tmp_path, adapter, name, **overrides) -> Evaluator:
+    values = dict(TINY, **EVAL_TASKS, adapter=str(adapter), episodes=2, query_size=3, max_length=96, steps=[0, 1],
+                  methods=["icl", "fresh-lora", "meta"], output_dir=str(tmp_path / name))
+    values.update(overrides)
+    return Evaluator(build_config(EvaluateConfig, overrides=values), tmp_path / f"{name}-out")
+
+
+def test_evaluate_scores_adapted_queries_with_the_recorded_demonstrations(tmp_path, support_run):
+    evaluator = _evaluator(tmp_path, support_run, "recorded")
+    assert evaluator.config.query_context == "support" and evaluator.queries_in_context
+    for method in ("fresh-lora", "meta"):
+        assert evaluator.inner_loops[method]["query_context"] == "support"
+    assert evaluator.inner_loops["meta"]["mismatch"] == []
+    moved = False
+    for task in evaluator.tasks[:2]:
+        for episode in evaluator.episodes_of(task):
+            icl = evaluator.run_method("icl", episode)
+            fresh = evaluator.run_method("fresh-lora", episode)
+            # a fresh LoRA (B = 0) with the support examples in its prompts is the base model doing ICL
+            assert fresh["accuracy"]["0"] == icl["accuracy"]["0"]
+            assert fresh["accuracy_norm"]["0"] == icl["accuracy_norm"]["0"]
+            riding = evaluator.run_method("meta", episode)
+            evaluator.query_loss_from_scores = False
+            try:
+                own = evaluator.run_method("meta", episode)
+            finally:
+                evaluator.query_loss_from_scores = True
+            for step in ("0", "1"):
+                assert math.isclose(riding["query_loss"][step], own["query_loss"][step], rel_tol=1e-5)
+                assert riding["accuracy"][step] == own["accuracy"][step]
+            moved |= riding["query_loss"]["1"] != riding["query_loss"]["0"]
+    assert moved, "the adaptation step changed no query loss"
+    table = __import__("deltameta.evaluate.report", fromlist=["markdown_table"]).markdown_table(evaluator.run())
+    assert "fresh-lora, meta score each query after the k support examples" in table
+
+
+def test_evaluate_without_demonstrations_differs_and_is_flagged(tmp_path, support_run):
+    with_demos = _evaluator(tmp_path, support_run, "with", methods=["meta"])
+    without = _evaluator(tmp_path, support_run, "without", methods=["meta"], query_context="none")
+    assert without.inner_loops["meta"]["mismatch"] == ["query_context none (trained with support)"]
+    episode = with_demos.episodes_of(with_demos.tasks[0])[0]
+    assert without.run_method("meta", episode)["query_loss"]["0"] != with_demos.run_method("meta", episode)["query_loss"]["0"]
