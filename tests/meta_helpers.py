@@ -32,6 +32,11 @@ TINY_RUN = dict(
     export=False,
 )
 
+#: The held-out split of :data:`TINY_RUN` as ``deltameta evaluate`` keys (the tasks a tiny meta-adapter never saw).
+TINY_EVAL_TASKS = dict(tasks=TINY_RUN["tasks"], splits=TINY_RUN["splits"], split="validation",
+                       builtin_tasks_per_family=TINY_RUN["builtin_tasks_per_family"],
+                       builtin_examples_per_task=TINY_RUN["builtin_examples_per_task"])
+
 
 def tiny_config(tmp_path, **overrides):
     """Return a validated MetaTrainConfig for a tiny run in ``tmp_path / 'run'``."""

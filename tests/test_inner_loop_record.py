@@ -24,6 +24,7 @@ import torch
 from deltameta.config import build_config
 from deltameta.errors import MetaStateError
 from deltameta.evaluate import EvaluateConfig, Evaluator, run_evaluate
+from meta_helpers import TINY_EVAL_TASKS as EVAL_TASKS
 from test_finetune_helpers import TINY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,8 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 #: Meta-SGD, TARP, a task-conditioned controller: every piece at once.
 METASGD_RUN = dict(algorithm="metasgd", delta="tarp", controller="task", inner_steps=2,
                    inner_lr=0.05, outer_steps=3, outer_lr=0.05, eval_every=0, checkpoint_every=0, export=True)
-EVAL_TASKS = dict(tasks="builtin:caesar,string_op,kv_lookup,linear", splits="train=0.5,validation=0.5",
-                  split="validation", builtin_tasks_per_family=3, builtin_examples_per_task=8)
 
 
 @pytest.fixture(scope="module")

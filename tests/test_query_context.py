@@ -20,14 +20,13 @@ import torch
 from deltameta.config import build_config
 from deltameta.errors import ConfigError, MetaStateError
 from deltameta.evaluate import EvaluateConfig, Evaluator
+from meta_helpers import TINY_EVAL_TASKS as EVAL_TASKS
 from test_finetune_helpers import TINY, one_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RUN = dict(algorithm="metasgd", delta="lora", controller="none", inner_steps=1, outer_steps=2, outer_lr=0.05,
            eval_every=0, checkpoint_every=0, export=True, query_context="support")
-EVAL_TASKS = dict(tasks="builtin:caesar,string_op,kv_lookup,linear", splits="train=0.5,validation=0.5",
-                  split="validation", builtin_tasks_per_family=3, builtin_examples_per_task=8)
 
 
 @pytest.fixture(scope="module")
