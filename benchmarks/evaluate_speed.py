@@ -162,11 +162,9 @@ def _legacy_score(self, episode: Any, in_context: bool, answer_loss: bool = Fals
     from deltameta.finetune import common
 
     c = self.config
-    max_length = c.max_length
-    if in_context:
-        max_length = c.icl_max_length or c.max_length * (c.shots + 1)
     return legacy_evaluate_examples(common.logits_fn(self.model, self.autocast), self.tokenizer, episode.query,
-                                    episode.task.template, max_length, episode.support if in_context else None,
+                                    episode.task.template, self._max_length(in_context),
+                                    episode.support if in_context else None,
                                     c.batch_size, self.device)
 
 

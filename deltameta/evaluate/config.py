@@ -115,9 +115,6 @@ class EvaluateConfig(BaseModelKeys):
         self.steps = sorted(set(self.steps))
         if self.shots == 0 and max(self.steps) > 0:  # null is resolved from the meta-adapter (>= 1)
             raise ConfigError(f"shots=0 leaves nothing to adapt on, but steps={self.steps}; use steps=[0] or shots >= 1.")
-        if self.query_context not in (None, "none", "support"):
-            raise ConfigError(f"query_context='{self.query_context}': expected none, support, or null for the "
-                              "meta-adapter's recorded one.")
         if self.inner_lr is not None and self.inner_lr <= 0:
             raise ConfigError(f"inner_lr={self.inner_lr}: expected a positive number, or null for the meta-adapter's.")
         if (self.inner_clip is not None and self.inner_clip < 0) or self.alpha < 0:

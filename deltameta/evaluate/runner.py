@@ -342,8 +342,10 @@ class Evaluator:
 
     def _max_length(self, in_context: bool) -> int:
         """Token limit of a query row: ``max_length``, or ``icl_max_length`` (default ``max_length * (shots + 1)``)."""
+        from deltameta.tasks.encoding import demonstrations_max_length
+
         c = self.config
-        return (c.icl_max_length or c.max_length * (c.shots + 1)) if in_context else c.max_length
+        return (c.icl_max_length or demonstrations_max_length(c.max_length, c.shots)) if in_context else c.max_length
 
     @property
     def queries_in_context(self) -> bool:

@@ -120,8 +120,6 @@ class MetaTrainConfig(BaseModelKeys):
                 raise ConfigError(f"{key}={getattr(self, key)}: expected an integer >= 0.")
         if self.shots == 0 and self.algorithm != "multitask":
             raise ConfigError(f"shots=0 leaves nothing to adapt on; algorithm={self.algorithm} needs shots >= 1.")
-        if self.query_context not in ("none", "support"):
-            raise ConfigError(f"query_context='{self.query_context}': expected none or support.")
         if self.query_context == "support" and self.shots == 0:
             raise ConfigError("query_context=support puts the support examples before every query, but shots=0; "
                               "set shots >= 1 or query_context=none.")
@@ -169,7 +167,9 @@ class MetaTrainConfig(BaseModelKeys):
 
     def query_max_length(self) -> int:
         """Token limit of a query row: ``max_length``, or ``max_length * (shots + 1)`` with demonstrations."""
-        return self.max_length * (self.shots + 1) if self.query_context == "support" else self.max_length
+        from deltameta.tasks.encoding import demonstrations_max_length
+
+        return demonstrations_max_length(self.max_length, self.shots) if self.query_context == "support" else self.max_length
 
     def is_first_order(self) -> bool:
         """Whether the inner loop drops second-order terms."""

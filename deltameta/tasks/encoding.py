@@ -98,6 +98,15 @@ def collate_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> di
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def demonstrations_max_length(max_length: int, shots: int) -> int:
+    """Token limit of a prompt with ``shots`` demonstrations: room for each of them and the query at ``max_length``.
+
+    The one rule of meta-train's ``query_context=support`` rows and of evaluate's ICL and
+    demonstration prompts (``icl_max_length=0``), so a meta-adapter is scored on prompts cut as in training.
+    """
+    return max_length * (shots + 1)
+
+
 def encode_examples(
     tokenizer,
     examples: Sequence[Example],
