@@ -139,3 +139,67 @@ def test_evaluate_without_demonstrations_differs_and_is_flagged(tmp_path, suppor
     assert without.inner_loops["meta"]["mismatch"] == ["query_context none (trained with support)"]
     episode = with_demos.episodes_of(with_demos.tasks[0])[0]
     assert without.run_method("meta", episode)["query_loss"]["0"] != with_demos.run_method("meta", episode)["query_loss"]["0"]
+
+
+def _finetune_trainer(tmp_path, name, **overrides):
+    """A finetune trainer (nothing trained yet) on one built-in task, validating on 4 held-out examples."""
+    from deltameta.finetune import FinetuneConfig
+    from deltameta.finetune.trainer import _Trainer
+
+    values = dict(TINY, tasks="builtin:linear", builtin_examples_per_task=32, steps=1, eval_every=1, batch_size=4,
+                  eval_examples=4, max_length=96, output_dir=str(tmp_path / name))
+    values.update(overrides)
+    out = tmp_path / name
+    out.mkdir()
+    with one_thread():
+        return _Trainer(build_config(FinetuneConfig, overrides=values), out, None)
+
+
+def test_finetune_validates_a_support_adapter_after_its_support_examples(tmp_path, support_run, caplog):
+    """Validation prompts carry the inner loop's support examples, as the adapter was meta-trained to answer."""
+    from deltameta.finetune import common
+    from deltameta.tasks import encode_examples, evaluate_examples
+
+    recorded = _finetune_trainer(tmp_path, "recorded", adapter=str(support_run))
+    assert recorded.query_context == "support"
+    [(task_name, demos)] = recorded.demonstrations.items()
+    assert demos == [item.example for item in recorded._support_items()], "one task: the demonstrations are the support set"
+    shots = len(demos)
+    assert shots == recorded.record.shots
+    for item, (ids, labels) in zip(recorded.val_items, recorded.val_rows, strict=True):
+        batch = encode_examples(recorded.tokenizer, [item.example], item.task.template, 96 * (shots + 1), in_context=demos)
+        width = int(batch["attention_mask"][0].sum())
+        assert ids == batch["input_ids"][0, :width].tolist() and labels == batch["labels"][0, :width].tolist()
+    with caplog.at_level("WARNING", logger="deltameta.finetune.trainer"):
+        plain = _finetune_trainer(tmp_path, "plain", adapter=str(support_run), query_context="none")
+    assert "meta-trained to answer after query_context=support" in caplog.text
+    assert plain.demonstrations is None
+    answers = lambda labels: [t for t in labels if t != -100]  # noqa: E731
+    for (with_demos, with_labels), (without, labels) in zip(recorded.val_rows, plain.val_rows, strict=True):
+        assert len(with_demos) > len(without) and answers(with_labels) == answers(labels)
+    assert recorded._mean_loss(recorded.val_rows) != plain._mean_loss(plain.val_rows)
+    # accuracy: the same scorer as evaluate, with the demonstrations (and their token limit)
+    [(task, examples)] = __import__("deltameta.finetune.data", fromlist=["group_by_task"]).group_by_task(recorded.val_items)
+    with one_thread():
+        expected = evaluate_examples(common.logits_fn(recorded.model, False), recorded.tokenizer, examples, task.template,
+                                     96 * (shots + 1), in_context=demos)["accuracy"]
+        assert recorded._accuracy() == expected
+
+
+def test_finetune_records_query_context_and_fresh_lora_defaults_to_none(tmp_path, support_run):
+    from deltameta.errors import ConfigError
+    from deltameta.finetune import FinetuneConfig, run_finetune
+
+    assert _finetune_trainer(tmp_path, "fresh").query_context == "none"
+    fresh_demos = _finetune_trainer(tmp_path, "fresh-demos", query_context="support", shots=3)
+    assert [len(d) for d in fresh_demos.demonstrations.values()] == [3]
+    with pytest.raises(ConfigError, match=r"query_context=support .* \['number_property"):
+        _finetune_trainer(tmp_path, "other-val", query_context="support", val_tasks="builtin:number_property")
+    values = dict(TINY, tasks="builtin:linear", builtin_examples_per_task=32, steps=1, eval_every=1, batch_size=4,
+                  eval_examples=4, max_length=96, adapter=str(support_run), dynamic=False,
+                  output_dir=str(tmp_path / "run"))
+    with one_thread():
+        result = run_finetune(build_config(FinetuneConfig, overrides=values))
+    run = json.loads((result.output_dir / "run.json").read_text())
+    assert run["query_context"] == "support"
+    assert "`query_context=support`" in (result.adapter_dir / "README.md").read_text()

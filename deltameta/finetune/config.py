@@ -38,6 +38,11 @@ class FinetuneConfig(BaseModelKeys):
         "(its step count, optimizer, learned rates and clip on `shots` training examples, default the recorded shots), "
         "the adaptation the adapter was meta-trained for; then `optimizer` trains for `steps`. false: `optimizer` from "
         "the start")
+    query_context: Literal["none", "support"] | None = field(
+        None, "what each validation prompt (loss and accuracy) carries before its input: none, or support (the task's "
+        "`shots` training examples that the inner loop adapts on, as demonstrations, up to max_length * (shots + 1) "
+        "tokens), as a meta-adapter trained with query_context=support answers; null = the meta-adapter's recorded "
+        "query_context (none for a fresh LoRA or without a record). Training rows never carry demonstrations")
     rank: int = field(8, "fresh LoRA rank")
     alpha: float = field(16.0, "fresh LoRA alpha (scaling alpha/rank)")
     target_modules: list[str] = field(list(DEFAULT_TARGETS), "fresh LoRA sublayers")

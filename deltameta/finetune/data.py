@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from deltameta.errors import ConfigError, DataError
 
@@ -97,16 +97,26 @@ def load_finetune_data(config: Any) -> FinetuneData:
     return FinetuneData(train, validation, counts)
 
 
-def encode_items(tokenizer, items: Sequence[Item], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Tokenize items one by one with their task's template: ``(input_ids, labels)`` rows."""
+def encode_items(tokenizer, items: Sequence[Item], max_length: int,
+                 demonstrations: Mapping[str, Sequence[Any]] | None = None) -> list[tuple[list[int], list[int]]]:
+    """Tokenize items one by one with their task's template: ``(input_ids, labels)`` rows.
+
+    Args:
+        tokenizer: The tokenizer.
+        items: The items.
+        max_length: Longest row in tokens (prompts are cut on the left).
+        demonstrations: Task name -> examples put before each of that task's prompts as in-context
+            demonstrations (none when ``None`` or the task is absent).
+    """
     from deltameta.tasks import TruncationWarning, encode_examples
 
     rows = []
     truncated = 0
     for item in items:
+        demos = (demonstrations or {}).get(item.task.name)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TruncationWarning)
-            batch = encode_examples(tokenizer, [item.example], item.task.template, max_length)
+            batch = encode_examples(tokenizer, [item.example], item.task.template, max_length, in_context=demos)
         truncated += any(issubclass(w.category, TruncationWarning) for w in caught)
         length = int(batch["attention_mask"][0].sum())
         rows.append((batch["input_ids"][0, :length].tolist(), batch["labels"][0, :length].tolist()))

@@ -25,7 +25,10 @@ recorded shots when ``shots=0``), through :func:`deltameta.meta.functional.adapt
 then the configured optimizer continues. A TARP meta-adapter is trained in its own parameters
 (``dynamic``, default on for one): deltameta's delta model is rebuilt from the export (with a
 task-conditioned controller, the structure is chosen from the training examples' task embedding)
-and ``last/``/``best/`` are written as deltameta exports.
+and ``last/``/``best/`` are written as deltameta exports. A meta-adapter meta-trained with
+``query_context=support`` answers queries after the support examples as demonstrations, so its
+validation prompts (loss and accuracy) carry the task's support examples by default
+(``query_context``); training rows never do, as the inner loop's support rows do not.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from deltameta.finetune.data import encode_items, group_by_task, load_finetune_d
 from deltameta.output_dir import prepare_output_dir, start_fresh
 from deltameta.reporting import Reporter
 from deltameta.schedule import make_scheduler
-from deltameta.tasks.encoding import collate_rows
+from deltameta.tasks.encoding import collate_rows, demonstrations_max_length
 
 logger = logging.getLogger(__name__)
 
@@ -183,18 +186,70 @@ class _Trainer:
         self.epoch = 0
         limit = c.eval_examples or None
         self.val_items = self.data.validation[:limit] if limit else self.data.validation
-        self.val_rows = encode_items(self.tokenizer, self.val_items, c.max_length) if self.val_items else []
+        self.query_context = self._query_context()
+        self.demonstrations = self._demonstrations() if self.query_context == "support" else None
+        self.val_max_length = (demonstrations_max_length(c.max_length, self._support_shots()) if self.demonstrations
+                               else c.max_length)
+        self.val_rows = (encode_items(self.tokenizer, self.val_items, self.val_max_length, self.demonstrations)
+                         if self.val_items else [])
         probe = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(c.seed + 1)).tolist()
         self.train_probe = [self.train_rows[i] for i in probe[: (limit or len(probe))]]
         self.metrics_path = out / "metrics.jsonl"
 
     # -------------------------------------------------------------------------- pieces
 
+    def _support_shots(self) -> int:
+        """How many training examples the inner loop sees: ``shots``, else the recorded shots, else 4."""
+        return self.config.shots or (self.record.shots if self.record is not None and self.record.shots else 0) or 4
+
+    def _support_order(self) -> list[int]:
+        """The seeded order of the training items from which support examples and demonstrations are taken."""
+        return torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(self.config.seed + 2)).tolist()
+
     def _support_items(self) -> list[Any]:
         """The training examples the recorded inner loop (and the controller) sees: ``shots`` of them, seeded."""
-        shots = self.config.shots or (self.record.shots if self.record is not None and self.record.shots else 0) or 4
-        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(self.config.seed + 2)).tolist()
-        return [self.data.train[i] for i in order[:shots]]
+        return [self.data.train[i] for i in self._support_order()[: self._support_shots()]]
+
+    def _query_context(self) -> str:
+        """``query_context`` of the validation prompts: the config's, else the meta-adapter's recorded one, else none.
+
+        An override of a recorded value is logged as a warning: validation then measures another use of
+        the adapter than the one it was meta-trained for.
+        """
+        recorded = self.record.query_context if self.record is not None else None
+        chosen = self.config.query_context or recorded or "none"
+        if recorded is not None and chosen != recorded:
+            logger.warning("query_context=%s: %s was meta-trained to answer after query_context=%s; validation "
+                           "measures another use of the adapter than the one it was trained for",
+                           chosen, self.source.given, recorded)
+        return chosen
+
+    def _demonstrations(self) -> dict[str, list[Any]]:
+        """Each task's demonstrations under ``query_context=support``: its first ``shots`` training examples.
+
+        Taken in the inner loop's seeded order, so with one task they are exactly the support examples
+        the inner loop adapts on (:meth:`_support_items`), as in a meta-training episode, whose queries
+        follow the support examples its inner loop adapted on.
+
+        Raises:
+            ConfigError: a validation task has no training example to show.
+        """
+        shots = self._support_shots()
+        demos: dict[str, list[Any]] = {}
+        for index in self._support_order():
+            item = self.data.train[index]
+            chosen = demos.setdefault(item.task.name, [])
+            if len(chosen) < shots:
+                chosen.append(item.example)
+        missing = sorted({item.task.name for item in self.val_items} - set(demos))
+        if missing:
+            from deltameta.errors import ConfigError
+
+            raise ConfigError(
+                f"query_context=support puts a validation task's training examples before its prompts, but validation "
+                f"task(s) {missing[:5]} (val_tasks='{self.config.val_tasks}') have no training example; set "
+                "query_context=none or train on those tasks too.")
+        return demos
 
     def _support_batch(self) -> dict[str, torch.Tensor]:
         rows = encode_items(self.tokenizer, self._support_items(), self.config.max_length)
@@ -279,7 +334,8 @@ class _Trainer:
         hits = count = 0.0
         for task, examples in group_by_task(self.val_items):
             result = evaluate_examples(common.logits_fn(self.model, self.autocast), self.tokenizer, examples,
-                                       task.template, self.config.max_length, device=self.device)
+                                       task.template, self.val_max_length,
+                                       in_context=(self.demonstrations or {}).get(task.name), device=self.device)
             hits += result["accuracy"] * result["count"]
             count += result["count"]
         return hits / max(count, 1.0)
@@ -343,6 +399,9 @@ class _Trainer:
             *_weights_lines(base.weights if base else None),
             f"- steps: {self.step} of {self.total}, lr {c.lr} ({c.lr_schedule}), batch {c.batch_size} x {c.gradient_accumulation}",
         ]
+        if self.query_context == "support":
+            lines.append(f"- validated with the task's {self._support_shots()} support examples as in-context "
+                         "demonstrations before each prompt (`query_context=support`)")
         if self.hooks:
             lines.append("- carries TARP's dynamic sidecar: load with `deltameta.load_meta_adapter(base, DIR)` for the exact model")
         lines += ["", "```python", "from peft import PeftModel", 'model = PeftModel.from_pretrained(base, "DIR")', "```", ""]
@@ -420,7 +479,8 @@ class _Trainer:
             atomic_write_text(self.out / "config.yaml", config_to_yaml(c))
         atomic_write_json(self.out / "run.json", {"status": "running", "total_steps": self.total,
                                                   "adapter_source": self.source.to_dict() if self.source else None,
-                                                  "data": self.data.tasks, "base": self.base_record})
+                                                  "data": self.data.tasks, "base": self.base_record,
+                                                  "query_context": self.query_context})
         has_val = bool(self.val_rows)
         stopped = False
         if resume:
@@ -511,6 +571,7 @@ class _Trainer:
             "train_loss_before": before, "train_loss_after": after, "best_val_loss": best, "seconds": seconds,
             "adapter": str(adapter_dir), "adapter_source": self.source.to_dict() if self.source else None,
             "data": self.data.tasks, "base": self.base_record, "inner_loop_first": inner,
+            "query_context": self.query_context,
             "trained": ("delta model (LoRA A/B, TARP Σ map, multiplicative term)" if self.delta is not None
                         else "PEFT LoRA"),
             "structure": getattr(self, "structure", None),
