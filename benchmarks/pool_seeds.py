@@ -17,18 +17,21 @@ averaged over seeds when the seeds evaluated the same tasks (``--unit``; see
 ``deltameta.evaluate.pooling``). Seeds may be adapters of different meta-train seeds scored on the
 same episodes (one evaluation seed); the same adapters given twice are refused. ``--smoke DIR``
 first runs two tiny evaluations (seeds 0 and 1, plus ICL of seed 0 as a separate part) under DIR
-and pools them (the test suite does this).
+and pools them (the test suite does this). ``--earlier FILE.json`` adds the seeds of an earlier
+pooling (the JSON its ``--out`` wrote) to the ones given, pooled by (seed, task) pairs from their
+statistics, which is exact: for seeds whose evaluations are gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.errors import ConfigError
-from deltameta.evaluate.pooling import SeedPart, parse_pairs, pool_seeds, pooled_table, seed_scores
+from deltameta.evaluate.pooling import SeedPart, extend_pooled, parse_pairs, pool_seeds, pooled_table, seed_scores
 
 SMOKE_EVAL = dict(model="tiny-random-llama", quantization="none", tasks="builtin:kv_lookup", splits="train=1",
                   split="train", builtin_tasks_per_family=2, builtin_examples_per_task=12, max_tasks=2, episodes=1,
@@ -49,6 +52,28 @@ def _smoke_parts(root: Path) -> list[list[str]]:
     return [[str(root / "seed0"), f"{root / 'seed0-icl'}:icl"], [str(root / "seed1")]]
 
 
+def _read_earlier(args: argparse.Namespace) -> dict:
+    """The JSON of an earlier pooling, checked against this one's step, key and unit."""
+    path = Path(args.earlier)
+    if args.unit == "task":
+        raise ConfigError("--earlier pools (seed, task) pairs from statistics; --unit task cannot.")
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--earlier {path}: cannot read it as JSON ({error}); give the .json that "
+                          "pool_seeds.py --out wrote beside its table.") from None
+    if not isinstance(earlier, dict) or "comparisons" not in earlier or "seeds" not in earlier:
+        raise ConfigError(f"--earlier {path}: not a pooling's JSON (no 'comparisons'/'seeds').")
+    for key, value in (("step", str(args.step)), ("key", args.key)):
+        if str(earlier.get(key)) != value:
+            raise ConfigError(f"--earlier {path}: pooled with {key}={earlier.get(key)}, this pooling has {key}={value}.")
+    given = {spec.split(":")[0] for specs in earlier.get("seeds_given") or [] for spec in specs}
+    again = [spec for specs in args.seed for spec in specs if spec.split(":")[0] in given]
+    if again:
+        raise ConfigError(f"--seed {again[0]}: already one of the earlier pooling's seeds ({path}).")
+    return earlier
+
+
 def main(argv: list[str] | None = None) -> int:
     """Pool the seeds named on the command line; print (and with ``--out`` write) the table. Exit 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -66,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default="", help="comma-separated column names of the seeds")
     parser.add_argument("--out", default=None, help="also write the table to this .md file (and the numbers "
                                                      "beside it as .json)")
+    parser.add_argument("--earlier", default=None, metavar="FILE.json",
+                        help="the numbers an earlier pooling wrote beside its --out table: its seeds come first and "
+                             "the pooled CI covers every (seed, task) pair of all seeds, exactly as if their "
+                             "evaluations were given (for seeds whose evaluations are gone)")
     parser.add_argument("--smoke", default=None, metavar="DIR", help="tiny evaluations under DIR, then pool them")
     args = parser.parse_args(argv)
     try:
@@ -77,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("name the evaluations of each seed with --seed DIR [DIR:METHODS ...] (repeat per seed).")
         args.step = args.step or ("1" if args.smoke else "2")
         seeds = _smoke_parts(Path(args.smoke)) if args.smoke else args.seed
+        earlier = _read_earlier(args) if args.earlier else None
         scores = [seed_scores([SeedPart.parse(spec) for spec in specs], args.step, args.key) for specs in seeds]
-        pooled = pool_seeds(scores, parse_pairs(args.pairs) if args.pairs else None, args.unit)
+        pooled = pool_seeds(scores, parse_pairs(args.pairs) if args.pairs else None,
+                            "pair" if earlier else args.unit)
+        if earlier:
+            pooled = extend_pooled(earlier, pooled)
+            seeds = list(earlier.get("seeds_given") or [[]] * earlier["seeds"]) + list(seeds)
         labels = [s.strip() for s in args.labels.split(",") if s.strip()] or None
-        if labels and len(labels) != len(seeds):
-            raise ConfigError(f"--labels names {len(labels)} seeds, --seed gives {len(seeds)}.")
+        if labels and len(labels) != pooled["seeds"]:
+            raise ConfigError(f"--labels names {len(labels)} seeds, there are {pooled['seeds']}.")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

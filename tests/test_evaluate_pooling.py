@@ -190,3 +190,63 @@ def test_the_script_refuses_bad_arguments_with_exit_2(argv, message, tmp_path, c
     assert load_benchmark("pool_seeds").main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and not (tmp_path / "x").exists()
+
+
+def test_seeds_pool_with_an_earlier_poolings_statistics_exactly(tmp_path):
+    """Seeds 0 and 1 pooled and written; seed 2 added later from the JSON equals pooling all three at once."""
+    from benchmark_helpers import load_benchmark
+
+    dirs = [_write(tmp_path, f"s{s}", _results(["zero-shot", "fresh-lora", "meta"], seed=s)) for s in range(3)]
+    script = load_benchmark("pool_seeds")
+    pairs = ["--pairs", "meta-fresh-lora,meta-zero-shot"]
+    assert script.main(["--seed", dirs[0], "--seed", dirs[1], *pairs, "--out", str(tmp_path / "first.md")]) == 0
+    assert script.main(["--seed", dirs[2], *pairs, "--earlier", str(tmp_path / "first.json"),
+                        "--labels", "a,b,c", "--out", str(tmp_path / "all.md")]) == 0
+    extended = json.loads((tmp_path / "all.json").read_text())
+    at_once = pool_seeds([seed_scores([SeedPart.parse(d)], 2) for d in dirs],
+                         [("meta", "fresh-lora"), ("meta", "zero-shot")])
+    assert extended["seeds"] == 3 and extended["unit"] == "pair"
+    assert [specs[0] for specs in extended["seeds_given"]] == dirs
+    for name, entry in at_once["comparisons"].items():
+        got = extended["comparisons"][name]
+        assert [s["mean"] for s in got["seeds"]] == pytest.approx([s["mean"] for s in entry["seeds"]])
+        for key in ("mean", "std", "ci95", "n"):
+            assert got["pooled"][key] == pytest.approx(entry["pooled"][key]), (name, key)
+        assert got["pooled"]["excludes_zero"] == entry["pooled"]["excludes_zero"]
+    rows = [line for line in (tmp_path / "all.md").read_text().splitlines() if line.startswith("|")]
+    assert rows[0] == "| difference | a | b | c | pooled (pairs) |" and rows[2].startswith("| meta - fresh-lora |")
+    assert rows[2].count("(n=3)") == 3 and rows[2].endswith("(n=9) |")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--seed", "{s0}"], "already one of the earlier pooling's seeds"),
+    (["--seed", "{s2}", "--step", "0"], "pooled with step=2, this pooling has step=0"),
+    (["--seed", "{s2}", "--unit", "task"], "--unit task cannot"),
+    (["--seed", "{s2}", "--pairs", "meta-icl"], "not in every seed"),
+    (["--seed", "{s2}", "--labels", "a,b"], "--labels names 2 seeds, there are 3"),
+])
+def test_an_earlier_pooling_that_does_not_fit_is_refused(extra, message, tmp_path, capsys):
+    from benchmark_helpers import load_benchmark
+
+    dirs = {f"s{s}": _write(tmp_path, f"s{s}", _results(["fresh-lora", "meta"], seed=s)) for s in range(3)}
+    script = load_benchmark("pool_seeds")
+    assert script.main(["--seed", dirs["s0"], "--seed", dirs["s1"], "--out", str(tmp_path / "first.md")]) == 0
+    capsys.readouterr()
+    argv = [a.format(**dirs) for a in extra] + ["--earlier", str(tmp_path / "first.json")]
+    assert script.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pooling_from_statistics_refuses_another_unit_and_a_repeated_seed():
+    from deltameta.evaluate.pooling import extend_pooled, pool_summaries
+
+    stats = mean_ci([0.1, 0.3, -0.2])
+    pooled = {"unit": "pair", "seeds": 1, "methods": ["meta", "fresh-lora"],
+              "comparisons": {"meta - fresh-lora": {"seeds": [stats], "pooled": stats}}}
+    with pytest.raises(ConfigError, match="unit is 'task'"):
+        extend_pooled(dict(pooled, unit="task"), pooled)
+    with pytest.raises(ConfigError, match="same seed given twice"):
+        extend_pooled(pooled, pooled)
+    with pytest.raises(ConfigError, match="n >= 2"):
+        pool_summaries([stats, mean_ci([0.5])])
+    assert pool_summaries([stats, mean_ci([0.5, 0.1])])["ci95"] == pytest.approx(mean_ci([0.1, 0.3, -0.2, 0.5, 0.1])["ci95"])

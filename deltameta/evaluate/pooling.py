@@ -18,6 +18,9 @@ Their pooled unit is then the task; ``pair`` is refused, since a task's pairs ar
 Two seeds whose shared episodes carry identical scores of every trained method are the same
 adapters given twice, and are refused.
 
+Seeds whose evaluations are gone pool from the statistics an earlier pooling wrote
+(:func:`extend_pooled`; exact for the ``pair`` unit, see :func:`pool_summaries`).
+
 One seed's methods may come from several evaluations of *the same episodes* (a baseline evaluated
 later, ICL from another run): a :class:`SeedPart` names an evaluation and the methods taken from it.
 The parts of a seed must have evaluated the same tasks with the same episodes, model, quantization
@@ -27,14 +30,15 @@ number of steps, so a part that scored it only at step 0 serves every step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from deltameta.errors import ConfigError
 from deltameta.evaluate.config import METHODS, TRAINING_METHODS
-from deltameta.evaluate.report import (check_same_episodes, comparison_pairs, format_diff, mean_ci, task_means,
-                                       with_verdict)
+from deltameta.evaluate.report import (check_same_episodes, comparison_pairs, format_diff, mean_ci, t_quantile,
+                                       task_means, with_verdict)
 from deltameta.evaluate.runner import load_results
 
 #: Config fields the parts of one seed must share (the episodes check covers seed, shots and query size).
@@ -234,6 +238,64 @@ def pool_seeds(seeds: Sequence[SeedScores], pairs: Sequence[tuple[str, str]] | N
             units = [sum(v) / len(v) for v in by_task.values()]
         out["comparisons"][f"{a} - {b}"] = {"seeds": [with_verdict(mean_ci(list(d.values()))) for d in per_seed],
                                             "pooled": with_verdict(mean_ci(units))}
+    return out
+
+
+def pool_summaries(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The pair-unit interval over several seeds from each seed's paired-difference statistics alone.
+
+    Each seed's ``mean``, ``std`` and ``n`` (as :func:`mean_ci` gave them) determine the mean and the
+    sample variance of all its differences together, so this equals :func:`mean_ci` over every
+    (seed, task) pair exactly: seeds whose evaluations are gone still pool from the numbers an
+    earlier pooling wrote (:func:`extend_pooled`).
+
+    Raises:
+        ConfigError: a seed has fewer than two differences (no standard deviation).
+    """
+    short = [s for s in stats if not s.get("n") or s["n"] < 2 or s.get("std") is None]
+    if short:
+        raise ConfigError(f"pooling from statistics needs each seed's mean, std and n >= 2; got {short[0]}.")
+    n = sum(int(s["n"]) for s in stats)
+    mean = sum(s["mean"] * s["n"] for s in stats) / n
+    squares = sum((s["n"] - 1) * s["std"] ** 2 + s["n"] * (s["mean"] - mean) ** 2 for s in stats)
+    std = math.sqrt(squares / (n - 1))
+    half = t_quantile(n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci95": half, "low": mean - half, "high": mean + half, "n": n}
+
+
+def extend_pooled(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Pool the seeds of an earlier pooling (its JSON) with later seeds, over all (seed, task) pairs.
+
+    Args:
+        earlier: :func:`pool_seeds` output of the first seeds (``unit`` ``pair``), as written beside
+            ``pool_seeds.py --out``.
+        later: :func:`pool_seeds` output of the new seeds (``unit`` ``pair``).
+
+    Returns:
+        :func:`pool_seeds`-shaped output: the earlier seeds' columns, then the later ones', pooled by
+        :func:`pool_summaries`; its methods are those both poolings have.
+
+    Raises:
+        ConfigError: either pooling is not by (seed, task) pairs, or a pair of the later pooling is
+            missing from the earlier one.
+    """
+    for name, pooled in (("earlier", earlier), ("later", later)):
+        if pooled.get("unit") != "pair":
+            raise ConfigError(f"the {name} pooling's unit is '{pooled.get('unit')}': only (seed, task) pairs pool "
+                              "from statistics (seeds of the same tasks are not independent pairs).")
+    missing = [name for name in later["comparisons"] if name not in earlier["comparisons"]]
+    if missing:
+        raise ConfigError(f"pair(s) {missing} are not in the earlier pooling; it has {list(earlier['comparisons'])}.")
+    for name, entry in later["comparisons"].items():
+        for stats in entry["seeds"]:
+            if stats in earlier["comparisons"][name]["seeds"]:
+                raise ConfigError(f"'{name}': a later seed has exactly the statistics of an earlier one "
+                                  f"({format_diff(stats)}, n={stats['n']}); the same seed given twice?")
+    out = dict(later, methods=[m for m in later["methods"] if m in earlier["methods"]],
+               seeds=earlier["seeds"] + later["seeds"], comparisons={})
+    for name, entry in later["comparisons"].items():
+        seeds = list(earlier["comparisons"][name]["seeds"]) + list(entry["seeds"])
+        out["comparisons"][name] = {"seeds": seeds, "pooled": with_verdict(pool_summaries(seeds))}
     return out
 
 
