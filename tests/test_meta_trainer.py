@@ -35,6 +35,10 @@ def test_short_run_writes_the_run_dir(tmp_path):
     for state in ("final", "best"):
         assert (run / state / "deltas.safetensors").is_file() and (run / state / "controller.json").is_file()
     assert (run / "final" / "fold_stats.safetensors").is_file()
+    # best/ is a whole meta-state too: a TARP/controller export of it folds at the stored statistics
+    from deltameta.deltas import load_meta_state
+
+    assert load_meta_state(run / "best").task_embedding_mean is not None
     assert (run / "peft" / "adapter_config.json").is_file() and (run / "peft" / "adapter_model.safetensors").is_file()
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4]
     status = json.loads((run / "run.json").read_text())
@@ -218,3 +222,33 @@ def test_gradient_checkpointing_inplace_matches_functional(tmp_path):
         results[checkpointing] = load_file(str(result.run_dir / "final" / "deltas.safetensors"))
     for name, value in results[False].items():
         torch.testing.assert_close(results[True][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_statistics_draw_no_global_random_numbers(tmp_path):
+    """best/ saves them mid-run: the run after a best/ save must be the run without it."""
+    import random
+
+    for name, overrides in (("tarp", dict(delta="tarp", controller="none")), ("task", dict(controller="task"))):
+        config = tiny_config(tmp_path / name, **overrides)
+        trainer = MetaTrainer(config, prepare_run_dir(config.output_dir))
+        assert trainer._export_reads_statistics()
+        torch_state, python_state = torch.get_rng_state(), random.getstate()
+        stats = trainer._fold_statistics()
+        assert stats["task_embedding_mean"] is not None and (stats["fold_stats"] or name == "task")
+        assert stats["fold_heldout"] is not None or name == "task"
+        assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state, name
+    plain = tiny_config(tmp_path / "lora", delta="lora", controller="none")
+    assert not MetaTrainer(plain, prepare_run_dir(plain.output_dir))._export_reads_statistics()
+
+
+def test_best_state_of_a_tarp_run_exports_at_its_stored_fold(tmp_path):
+    """A TARP run's best/ keeps the fold statistics, so its export folds where final/'s does, not at a default text."""
+    from deltameta.deltas import load_meta_state
+    from deltameta.deltas.export import export_peft
+
+    run = run_meta_train(tiny_config(tmp_path, delta="tarp", controller="none")).run_dir
+    best = load_meta_state(run / "best")
+    assert best.fold_stats and best.fold_heldout is not None
+    export_peft(best, tmp_path / "best-peft")
+    meta = json.loads((tmp_path / "best-peft" / "deltameta.json").read_text())
+    assert "fold statistics stored during meta-training" in json.dumps(meta)

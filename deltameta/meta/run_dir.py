@@ -8,7 +8,8 @@ Layout of ``RUN_DIR``::
     tensorboard/         TensorBoard events (report_to=tensorboard; see :mod:`deltameta.reporting`)
     plots/*.png          training and validation curves, controller decisions
     checkpoints/step-*/  the last N training checkpoints (see :mod:`deltameta.meta.checkpoint`)
-    best/                meta-state with the best held-out query loss after adaptation
+    best/                meta-state with the best held-out query loss after adaptation (with the
+                         fold statistics and mean task embedding of a TARP or controller run, as final/)
     final/               the final meta-state (see :mod:`deltameta.deltas.state`)
     peft/                the PEFT export of the final meta-adapter
 """

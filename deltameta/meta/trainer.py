@@ -512,9 +512,19 @@ class MetaTrainer:
 
         extra = {"config": dataclasses.asdict(self.config), "step": self.step, "splits": self.splits.names,
                  "validation": {"initial": self.initial_validation, "last": self.last_validation, "best": self.best}}
-        fold = self._fold_statistics() if final else {}
+        fold = self._fold_statistics() if final or self._export_reads_statistics() else {}
         save_meta_state(directory, self.model, self.delta_config, self.controller, extra=extra, **fold,
                         **self.inner_loop_record())
+
+    def _export_reads_statistics(self) -> bool:
+        """Whether exporting this run reads its fold statistics or mean task embedding, so ``best/`` stores them too.
+
+        TARP ops and the multiplicative term fold at statistics of meta-training inputs, and a
+        controller decides the exported structure from the mean task embedding; a plain LoRA
+        without a controller needs neither.
+        """
+        c = self.delta_config
+        return c.delta == "tarp" or c.multiplicative or self.controller is not None
 
     def inner_loop_record(self) -> dict[str, Any]:
         """``inner_loop`` (the record) and ``inner_lrs`` (learned rates or ``None``) of this run."""
@@ -534,11 +544,17 @@ class MetaTrainer:
         The fold statistics (mean ``Σ(x) - I``, ``E[z zᵀ]``, ``E[u zᵀ]``; see
         :mod:`deltameta.deltas.fold`) come from the support sets of ``episodes`` meta-training
         episodes; their query sets, never used for the statistics, are kept as held-out inputs on
-        which the export measures the fold error.
+        which the export measures the fold error. They draw no global random numbers (a dropout
+        draws from a forked generator), so saving ``best/`` mid-run leaves the run unchanged.
 
         Returns:
             Keyword arguments of :func:`deltameta.deltas.save_meta_state`.
         """
+        device = torch.device(self.device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._collect_fold_statistics(episodes)
+
+    def _collect_fold_statistics(self, episodes: int) -> dict[str, Any]:
         from deltameta.deltas import collect_fold_moments
         from deltameta.deltas import task_embedding as embed
         from deltameta.deltas.fold import add_moments, normalise_moments
