@@ -16,7 +16,8 @@ from test_finetune_helpers import TINY, copy_adapter_for_other_base
 #: Two multiple-choice tasks and one free-form task.
 TASKS = dict(tasks="builtin:kv_lookup,word_category,caesar", splits="", split="", builtin_tasks_per_family=1,
              builtin_examples_per_task=16)
-
+#: What evaluate runs when every adapter is given and ``methods`` is not.
+DEFAULT_METHODS = [m for m in METHODS if m != "multitask-dynamic"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,7 +35,7 @@ def test_evaluate_all_methods_on_the_same_episodes(tmp_path, meta_adapter_runs):
     results = run_evaluate(_config(tmp_path, meta_adapter_runs, plots=True))
     out = tmp_path / "eval"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results, default=str))
-    assert list(results["methods"]) == list(METHODS)
+    assert list(results["methods"]) == DEFAULT_METHODS, "multitask-dynamic runs on request only"
     assert set(results["tasks"]) == {"kv_lookup__000", "word_category__000", "caesar__000"}
     for task, entry in results["tasks"].items():
         ids = [e["id"] for e in entry["episodes"]]
@@ -43,7 +44,7 @@ def test_evaluate_all_methods_on_the_same_episodes(tmp_path, meta_adapter_runs):
         for record in entry["episodes"]:
             assert len(record["support"]) == 3 and len(record["query"]) == 3
             assert not set(record["support"]) & set(record["query"])
-        for method in METHODS:
+        for method in results["methods"]:
             slot = entry["methods"][method]
             assert slot["episodes"] == ids, f"{method} ran on other episodes"
             for step in ("0", "2", "3"):
@@ -64,11 +65,11 @@ def test_evaluate_all_methods_on_the_same_episodes(tmp_path, meta_adapter_runs):
     assert budget["preparation"]["multitask"]["algorithm"] == "multitask"
     assert budget["parity"] == {"adaptation": True, "preparation": True}
     summary = results["summary"]["methods"]
-    assert all(summary[m]["3"]["n"] == 3 for m in METHODS)
+    assert all(summary[m]["3"]["n"] == 3 for m in DEFAULT_METHODS)
     assert "meta - multitask" in results["summary"]["comparisons"]
-    assert set(results["timing"]["per_episode_seconds"]) == set(METHODS)
+    assert set(results["timing"]["per_episode_seconds"]) == set(DEFAULT_METHODS)
     table = (out / "results.md").read_text()
-    for method in METHODS:
+    for method in DEFAULT_METHODS:
         assert f"| {method} |" in table
     assert "95% CI" in table and "forward/backward passes" in table
     assert (out / "plots" / "accuracy_vs_steps.png").stat().st_size > 0
@@ -200,3 +201,38 @@ def test_merging_evaluations_of_different_methods(tmp_path):
     with pytest.raises(ConfigError, match="holds no results.json"):
         merge_evaluations([str(tmp_path / "a" / "eval"), str(tmp_path / "nope")], str(tmp_path / "m4"))
     assert first and second and other
+
+
+def test_multitask_dynamic_adapts_a_tarp_twin_in_its_own_parameters(tmp_path):
+    """multitask-dynamic is exactly meta-dynamic with the twin as the adapter, beside the meta-adapter's run."""
+    from deltameta.meta.trainer import run_meta_train
+    from meta_helpers import tiny_config
+    from test_finetune_helpers import one_thread
+
+    runs = {}
+    with one_thread():
+        for name, algorithm in (("meta", "fomaml"), ("multitask", "multitask")):
+            runs[name] = run_meta_train(tiny_config(tmp_path / name, algorithm=algorithm, delta="tarp", controller="none",
+                                                    outer_steps=2, eval_every=0, checkpoint_every=0, export=True)).run_dir
+        both = Evaluator(_config(tmp_path, runs, methods=["multitask", "multitask-dynamic", "meta-dynamic"],
+                                 output_dir=str(tmp_path / "both")), tmp_path / "both")
+        alone = Evaluator(_config(tmp_path, adapter=str(runs["multitask"]), methods=["meta-dynamic"],
+                                  output_dir=str(tmp_path / "alone")), tmp_path / "alone")
+        assert both.inner_loops["multitask-dynamic"]["parameters"].startswith("delta model")
+        assert not both.inner_loops["multitask-dynamic"]["learned_rates"]
+        static_differs = False
+        for task in both.tasks[:2]:
+            for episode in both.episodes_of(task):
+                twin = both.run_method("multitask-dynamic", episode)
+                again = alone.run_method("meta-dynamic", episode)
+                for key in ("accuracy", "support_loss", "query_loss"):
+                    for step in ("0", "2", "3"):
+                        a, b = twin[key][step], again[key][step]
+                        assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-6), (key, step)
+                static = both.run_method("multitask", episode)
+                static_differs |= static["query_loss"]["3"] != twin["query_loss"]["3"]
+                assert both.run_method("multitask-dynamic", episode)["query_loss"] == twin["query_loss"], "restored"
+        assert static_differs, "adapting the TARP parameters changed nothing against the static fold"
+    from deltameta.evaluate.report import comparison_pairs
+
+    assert ("meta-dynamic", "multitask-dynamic") in comparison_pairs(["multitask", "multitask-dynamic", "meta-dynamic"])

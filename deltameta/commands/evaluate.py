@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Compare, on the same episodes of held-out tasks: zero-shot, icl (k demonstrations in the prompt), "
             "fresh-lora, multitask (adapter of a meta-train run with algorithm=multitask), meta (the meta-adapter's "
-            "static PEFT export) and meta-dynamic (with TARP's dynamic part), each after 0..K adaptation steps on "
+            "static PEFT export) and meta-dynamic (with TARP's dynamic part; multitask-dynamic, on request, adapts the "
+            "multitask adapter the same way), each after 0..K adaptation steps on "
             "the k-shot support set, scored on the query set. Writes results.json, results.md (mean accuracy "
             "with 95% CIs across tasks, and paired differences of every trained method against multitask, "
             "fresh-lora and zero-shot with their 95% CIs, also with the family as the unit when a family holds several tasks) and plots/."

@@ -16,11 +16,15 @@ from deltameta.errors import ConfigError
 from deltameta.reporting import report_to_field, resolve_report_to
 
 #: Every method, in the order tables and plots list them.
-METHODS = ("zero-shot", "icl", "fresh-lora", "multitask", "meta", "meta-dynamic")
+METHODS = ("zero-shot", "icl", "fresh-lora", "multitask", "multitask-dynamic", "meta", "meta-dynamic")
 #: Methods that fine-tune an adapter on the support set.
-TRAINING_METHODS = ("fresh-lora", "multitask", "meta", "meta-dynamic")
+TRAINING_METHODS = ("fresh-lora", "multitask", "multitask-dynamic", "meta", "meta-dynamic")
 #: Methods that need an adapter, and the key of ``adapters`` that provides it.
-ADAPTER_OF = {"multitask": "multitask", "meta": "meta", "meta-dynamic": "meta"}
+ADAPTER_OF = {"multitask": "multitask", "multitask-dynamic": "multitask", "meta": "meta", "meta-dynamic": "meta"}
+#: Methods that adapt an adapter in its own parameters (deltameta's delta model rebuilt from the export).
+DYNAMIC_METHODS = ("multitask-dynamic", "meta-dynamic")
+#: Methods run only when ``methods`` names them (not by default when their adapter is given).
+ON_REQUEST = ("multitask-dynamic",)
 
 
 @dataclasses.dataclass
@@ -46,7 +50,9 @@ class EvaluateConfig(BaseModelKeys):
     max_tasks: int = field(0, "evaluate N tasks of the split, drawn spread over its families (seeded round robin; 0: all)")
     builtin_tasks_per_family: int = field(16, "tasks generated per built-in family (same as meta-train to get its split)")
     builtin_examples_per_task: int = field(64, "examples per built-in task")
-    methods: list[str] = field([], f"methods to compare ({', '.join(METHODS)}); default: every one whose adapter is given")
+    methods: list[str] = field([], f"methods to compare ({', '.join(METHODS)}); default: every one whose adapter is "
+                               "given but multitask-dynamic (the multitask baseline in its own TARP parameters, as "
+                               "meta-dynamic adapts the meta-adapter; name it for a TARP twin)")
     episodes: int = field(5, "episodes per task (different support/query draws)")
     shots: int | None = field(
         None, "support examples per episode (k); null = the meta-adapter's recorded shots, as its inner loop was "

@@ -19,7 +19,7 @@ from deltameta.evaluate.config import ADAPTER_OF
 
 #: Every trained method is compared with each of these (those present), then these extra pairs.
 BASELINES = ("multitask", "fresh-lora", "zero-shot")
-EXTRA_PAIRS = (("meta-dynamic", "meta"), ("meta", "icl"))
+EXTRA_PAIRS = (("meta-dynamic", "meta"), ("meta-dynamic", "multitask-dynamic"), ("meta", "icl"))
 
 
 def t_quantile(df: int) -> float:

@@ -7,6 +7,8 @@ meta-adapter's static export ``meta``) is attached to one ``PeftModel`` under it
 from the export (:func:`deltameta.deltas.rebuild.rebuild_delta_model`) on a structural copy of
 the same base that shares its frozen weights. With a task-conditioned controller, meta-dynamic
 chooses the structure of each episode from its support set, as meta-training does.
+``multitask-dynamic`` is the multitask baseline the same way (on request: for a TARP twin, the
+comparison in the meta-adapter's parametrization; ``multitask`` scores its static fold).
 
 Every training method adapts through the one adaptation function,
 :func:`deltameta.meta.functional.adapt`, starting from a copy of the method's initial tensors (so
@@ -36,7 +38,7 @@ import torch
 from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.config import config_to_yaml
 from deltameta.errors import ConfigError, DataError
-from deltameta.evaluate.config import ADAPTER_OF, METHODS, TRAINING_METHODS, EvaluateConfig
+from deltameta.evaluate.config import ADAPTER_OF, DYNAMIC_METHODS, METHODS, ON_REQUEST, TRAINING_METHODS, EvaluateConfig
 from deltameta.evaluate.report import markdown_table, preparation_parity, summarize, with_budget_warning, write_plots
 from deltameta.finetune import common
 from deltameta.finetune.adapters import check_base_matches, ensure_peft_dir, recorded_inner_loop, resolve_adapter
@@ -48,7 +50,7 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 RUN_MARKERS = (RESULTS_FILE, TABLE_FILE, "run.json", "config.yaml")
 #: PEFT adapter names of the methods (no dots or dashes).
-PEFT_NAME = {"fresh-lora": "fresh_lora", "multitask": "multitask", "meta": "meta", "meta-dynamic": "meta"}
+PEFT_NAME = {"fresh-lora": "fresh_lora", "multitask": "multitask", "meta": "meta"}
 #: The adaptation used without a recorded inner loop (and without overrides).
 DEFAULT_INNER = {"optimizer": "sgd", "lr": 0.05, "clip": 1.0}
 #: Support examples per episode (k) without ``shots`` and without a meta-adapter's record of them.
@@ -164,17 +166,19 @@ class Evaluator:
         if self.record is not None and self.record.steps not in c.steps and max(c.steps) > 0:
             c.steps = sorted(set(c.steps) | {self.record.steps})
             logger.info("steps=%s: added the meta-adapter's trained inner step count %d", c.steps, self.record.steps)
-        self.delta = None
         self.initial: dict[str, dict[str, torch.Tensor]] = {}
-        if "meta-dynamic" in self.methods:  # before PEFT wraps the base: the delta model shares its weights
+        self.dynamic: dict[str, Any] = {}  # method -> its delta model (DYNAMIC_METHODS)
+        for method in (m for m in DYNAMIC_METHODS if m in self.methods):  # before PEFT wraps the base
             from deltameta.deltas.rebuild import rebuild_delta_model
 
-            meta = self.sources["meta"]
-            self.delta = rebuild_delta_model(base, peft_dir=meta.peft_dir, meta_state=meta.meta_state)
-            self.delta.model.eval()
-            self.initial["meta-dynamic"] = {n: p.detach().clone() for n, p in self.delta.params.items()}
-            if self.record is None and self.delta.inner_loop is not None:
-                self.record, self.rates = self.delta.inner_loop, self.delta.inner_lrs
+            source = self.sources[ADAPTER_OF[method]]  # each delta model shares the base's frozen weights
+            delta = rebuild_delta_model(base, peft_dir=source.peft_dir, meta_state=source.meta_state)
+            delta.model.eval()
+            self.dynamic[method] = delta
+            self.initial[method] = {n: p.detach().clone() for n, p in delta.params.items()}
+        self.delta = self.dynamic.get("meta-dynamic")
+        if self.delta is not None and self.record is None and self.delta.inner_loop is not None:
+            self.record, self.rates = self.delta.inner_loop, self.delta.inner_lrs
         if c.query_context is None:
             c.query_context = self.record.query_context if self.record is not None else "none"
             if c.query_context != "none":
@@ -262,7 +266,8 @@ class Evaluator:
                                       f"(or adapters={{{kind}: RUN_DIR}}), or drop it from methods.")
             chosen = [m for m in METHODS if m in c.methods]
         else:
-            chosen = [m for m in METHODS if ADAPTER_OF.get(m) is None or ADAPTER_OF[m] in paths]
+            chosen = [m for m in METHODS if (ADAPTER_OF.get(m) is None or ADAPTER_OF[m] in paths)
+                      and m not in ON_REQUEST]
             skipped = [m for m in METHODS if m not in chosen]
             if skipped:
                 logger.info("methods %s skipped: no adapter given for them", ", ".join(skipped))
@@ -382,9 +387,9 @@ class Evaluator:
 
     def _restore(self, method: str) -> None:
         """Put ``method``'s tensors back to their loaded (or initial) values; freeze the PEFT model."""
-        if method == "meta-dynamic":
+        if method in self.dynamic:
             with torch.no_grad():
-                for n, p in self.delta.params.items():
+                for n, p in self.dynamic[method].params.items():
                     p.copy_(self.initial[method][n])
             return
         name = PEFT_NAME.get(method, method)
@@ -428,11 +433,12 @@ class Evaluator:
         c = self.config
         steps = c.steps
         inner = self.inner_loops[method]
-        if method == "meta-dynamic":
-            model, live, controller = self.delta.model, self.delta.params, self.delta.controller
+        if method in self.dynamic:
+            delta = self.dynamic[method]
+            model, live, controller = delta.model, delta.params, delta.controller
         else:
             model, live, controller = self.model, common.activate(self.model, PEFT_NAME[method]), None
-        start = F.detached(self.initial[method if method == "meta-dynamic" else PEFT_NAME[method]])
+        start = F.detached(self.initial[method if method in self.dynamic else PEFT_NAME[method]])
 
         def encode(examples: Any, in_context: Any = None) -> dict[str, torch.Tensor]:
             batch = encode_examples(self.tokenizer, list(examples), episode.task.template,
@@ -528,7 +534,7 @@ class Evaluator:
         used: dict[str, Any] = {"optimizer": optimizer, "lr": lr, "learned_rates": learned, "clip": clip,
                                 "steps": list(c.steps), "first_order": True, "query_context": c.query_context,
                                 "parameters": ("delta model: LoRA A/B, TARP Σ map, multiplicative term"
-                                               if method == "meta-dynamic" else "PEFT LoRA A/B"),
+                                               if method in DYNAMIC_METHODS else "PEFT LoRA A/B"),
                                 "source": "recorded" if record is not None else "defaults (no recorded inner loop)"}
         if optimizer == "adam":
             used["betas"] = list(record.betas) if record is not None and record.betas else [0.9, 0.999]
@@ -563,15 +569,16 @@ class Evaluator:
             kind = ADAPTER_OF.get(method)
             if kind:
                 entry["adapter"] = self.sources[kind].to_dict()
-                entry["dynamic"] = method == "meta-dynamic"
-            if method == "meta-dynamic":
-                entry["delta_model"] = {"source": self.delta.source, "tensors": len(self.delta.params),
-                                        "controller": self.delta.controller.mode if self.delta.controller else None,
+                entry["dynamic"] = method in DYNAMIC_METHODS
+            if method in self.dynamic:
+                delta = self.dynamic[method]
+                entry["delta_model"] = {"source": delta.source, "tensors": len(delta.params),
+                                        "controller": delta.controller.mode if delta.controller else None,
                                         "structure": ("per episode, from its support set"
-                                                      if self.delta.controller is not None and self.delta.controller.mode == "task"
+                                                      if delta.controller is not None and delta.controller.mode == "task"
                                                       else "fixed")}
-                if self.delta.controller is not None:  # the order of each task's "structures" lists
-                    entry["delta_model"]["candidates"] = list(self.delta.controller.candidates)
+                if delta.controller is not None:  # the order of each task's "structures" lists
+                    entry["delta_model"]["candidates"] = list(delta.controller.candidates)
             if method in self.inner_loops:
                 entry["inner_loop"] = self.inner_loops[method]
             if method == "fresh-lora":
@@ -590,7 +597,7 @@ class Evaluator:
                 preparation[method] = dict(self.sources[ADAPTER_OF[method]].preparation)
         parity = preparation_parity(preparation)
         self.warnings = with_budget_warning(self.warnings, parity)
-        reference = next((self.inner_loops[m] for m in ("meta", "meta-dynamic", "multitask", "fresh-lora")
+        reference = next((self.inner_loops[m] for m in ("meta", "meta-dynamic", "multitask", "multitask-dynamic", "fresh-lora")
                           if m in self.inner_loops), None) or {**DEFAULT_INNER, "learned_rates": False}
         lr = "learned Meta-SGD rates" if reference.get("learned_rates") else reference["lr"]
         return {
@@ -606,7 +613,7 @@ class Evaluator:
         """The config's :func:`~deltameta.dequantize_cache.dequantized_weights` over every model evaluated."""
         from deltameta.dequantize_cache import cache_enabled, dequantized_weights
 
-        models = torch.nn.ModuleList([self.model] + ([self.delta.model] if self.delta is not None else []))
+        models = torch.nn.ModuleList([self.model] + [delta.model for delta in self.dynamic.values()])
         return dequantized_weights(models, cache_enabled(self.config.dequantize_cache, self.device))
 
     def run(self) -> dict[str, Any]:
