@@ -268,7 +268,7 @@ class Evaluator:
         else:
             chosen = [m for m in METHODS if (ADAPTER_OF.get(m) is None or ADAPTER_OF[m] in paths)
                       and m not in ON_REQUEST]
-            skipped = [m for m in METHODS if m not in chosen]
+            skipped = [m for m in METHODS if m not in chosen and m not in ON_REQUEST]
             if skipped:
                 logger.info("methods %s skipped: no adapter given for them", ", ".join(skipped))
         if max(c.steps) > 0 and c.shots == 0:

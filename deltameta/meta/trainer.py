@@ -544,8 +544,8 @@ class MetaTrainer:
         The fold statistics (mean ``Σ(x) - I``, ``E[z zᵀ]``, ``E[u zᵀ]``; see
         :mod:`deltameta.deltas.fold`) come from the support sets of ``episodes`` meta-training
         episodes; their query sets, never used for the statistics, are kept as held-out inputs on
-        which the export measures the fold error. They draw no global random numbers (a dropout
-        draws from a forked generator), so saving ``best/`` mid-run leaves the run unchanged.
+        which the export measures the fold error. They run under a forked random generator (whatever
+        they draw never reaches the run's), so saving ``best/`` mid-run leaves the run unchanged.
 
         Returns:
             Keyword arguments of :func:`deltameta.deltas.save_meta_state`.
