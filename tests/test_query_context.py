@@ -141,18 +141,24 @@ def test_evaluate_without_demonstrations_differs_and_is_flagged(tmp_path, suppor
     assert without.run_method("meta", episode)["query_loss"]["0"] != with_demos.run_method("meta", episode)["query_loss"]["0"]
 
 
-def _finetune_trainer(tmp_path, name, **overrides):
-    """A finetune trainer (nothing trained yet) on one built-in task, validating on 4 held-out examples."""
+def _finetune_config(tmp_path, name, **overrides):
+    """A one-step finetune config on one built-in task, validating on 4 held-out examples, in ``tmp_path / name``."""
     from deltameta.finetune import FinetuneConfig
-    from deltameta.finetune.trainer import _Trainer
 
     values = dict(TINY, tasks="builtin:linear", builtin_examples_per_task=32, steps=1, eval_every=1, batch_size=4,
                   eval_examples=4, max_length=96, output_dir=str(tmp_path / name))
     values.update(overrides)
+    return build_config(FinetuneConfig, overrides=values)
+
+
+def _finetune_trainer(tmp_path, name, **overrides):
+    """A finetune trainer of :func:`_finetune_config` (nothing trained yet)."""
+    from deltameta.finetune.trainer import _Trainer
+
     out = tmp_path / name
     out.mkdir()
     with one_thread():
-        return _Trainer(build_config(FinetuneConfig, overrides=values), out, None)
+        return _Trainer(_finetune_config(tmp_path, name, **overrides), out, None)
 
 
 def test_finetune_validates_a_support_adapter_after_its_support_examples(tmp_path, support_run, caplog):
@@ -188,18 +194,15 @@ def test_finetune_validates_a_support_adapter_after_its_support_examples(tmp_pat
 
 def test_finetune_records_query_context_and_fresh_lora_defaults_to_none(tmp_path, support_run):
     from deltameta.errors import ConfigError
-    from deltameta.finetune import FinetuneConfig, run_finetune
+    from deltameta.finetune import run_finetune
 
     assert _finetune_trainer(tmp_path, "fresh").query_context == "none"
     fresh_demos = _finetune_trainer(tmp_path, "fresh-demos", query_context="support", shots=3)
     assert [len(d) for d in fresh_demos.demonstrations.values()] == [3]
     with pytest.raises(ConfigError, match=r"query_context=support .* \['number_property"):
         _finetune_trainer(tmp_path, "other-val", query_context="support", val_tasks="builtin:number_property")
-    values = dict(TINY, tasks="builtin:linear", builtin_examples_per_task=32, steps=1, eval_every=1, batch_size=4,
-                  eval_examples=4, max_length=96, adapter=str(support_run), dynamic=False,
-                  output_dir=str(tmp_path / "run"))
     with one_thread():
-        result = run_finetune(build_config(FinetuneConfig, overrides=values))
+        result = run_finetune(_finetune_config(tmp_path, "run", adapter=str(support_run), dynamic=False))
     run = json.loads((result.output_dir / "run.json").read_text())
     assert run["query_context"] == "support"
     assert "`query_context=support`" in (result.adapter_dir / "README.md").read_text()

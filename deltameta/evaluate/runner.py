@@ -168,15 +168,14 @@ class Evaluator:
             logger.info("steps=%s: added the meta-adapter's trained inner step count %d", c.steps, self.record.steps)
         self.initial: dict[str, dict[str, torch.Tensor]] = {}
         self.dynamic: dict[str, Any] = {}  # method -> its delta model (DYNAMIC_METHODS)
-        for method in (m for m in DYNAMIC_METHODS if m in self.methods):  # before PEFT wraps the base
-            from deltameta.deltas.rebuild import rebuild_delta_model
+        from deltameta.deltas.rebuild import rebuild_delta_model
 
+        for method in (m for m in DYNAMIC_METHODS if m in self.methods):  # before PEFT wraps the base
             source = self.sources[ADAPTER_OF[method]]  # each delta model shares the base's frozen weights
             delta = rebuild_delta_model(base, peft_dir=source.peft_dir, meta_state=source.meta_state)
             delta.model.eval()
             self.dynamic[method] = delta
             self.initial[method] = {n: p.detach().clone() for n, p in delta.params.items()}
-        self.delta = self.dynamic.get("meta-dynamic")
         if self.delta is not None and self.record is None and self.delta.inner_loop is not None:
             self.record, self.rates = self.delta.inner_loop, self.delta.inner_lrs
         if c.query_context is None:
@@ -351,6 +350,11 @@ class Evaluator:
 
         c = self.config
         return (c.icl_max_length or demonstrations_max_length(c.max_length, c.shots)) if in_context else c.max_length
+
+    @property
+    def delta(self) -> Any:
+        """The meta-adapter's delta model (``meta-dynamic``), or ``None`` when that method is not evaluated."""
+        return self.dynamic.get("meta-dynamic")
 
     @property
     def queries_in_context(self) -> bool:
