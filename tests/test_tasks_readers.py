@@ -258,11 +258,25 @@ def _count_rule(task):
         and int(e.target) == sum(w in CATEGORIES[counted] for w in e.input.split()) for e in task.examples)
 
 
+def _pick_rule(task):
+    """One word of each of the three named categories; the answer is the one of the picked category."""
+    from deltameta.tasks.builtin import CATEGORIES
+
+    picked = task.description.split(" of category ")[1].split(" (")[0]
+    others = task.description.split("(others: ")[1].rstrip(")").split(", ")
+    positions = {e.options.index(e.target) for e in task.examples}
+    return len(positions) > 1 and all(
+        e.input.split() == e.options and e.target in CATEGORIES[picked]
+        and sorted(c for c in CATEGORIES for w in e.options if w in CATEGORIES[c]) == sorted([picked, *others])
+        for e in task.examples)
+
+
 @pytest.mark.parametrize("family, rule, options", [
     ("position_pick", _position_rule, range(3, 7)),
     ("number_compare", _compare_rule, {3}),
     ("word_property", _property_rule, {2}),
     ("category_count", _count_rule, {4}),
+    ("category_pick", _pick_rule, {3}),
 ])
 def test_later_families_follow_their_hidden_rule(family, rule, options):
     tasks = generate_family(family, 12, 32, seed=5)

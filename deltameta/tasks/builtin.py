@@ -24,8 +24,10 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
   random words.
 * ``category_count`` (MC): three words of 2-3 categories; the answer (0-3) is how many belong to a
   hidden one of them.
+* ``category_pick`` (MC): three words of three categories; the answer is the word of a hidden one of
+  them.
 
-``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last four are read
+``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last five are read
 only when named (``builtin:position_pick,...``), so results made before they existed reproduce.
 """
 
@@ -292,6 +294,19 @@ def _category_count(rng: random.Random):
     return (counted, tuple(others)), f"how many words are of category {counted} (others: {', '.join(others)})", make
 
 
+def _category_pick(rng: random.Random):
+    picked, *others = rng.sample(sorted(CATEGORIES), 3)
+    others = sorted(others)
+
+    def make(r: random.Random) -> Example:
+        words = [r.choice(CATEGORIES[c]) for c in (picked, *others)]
+        target = words[0]
+        r.shuffle(words)
+        return Example(input=" ".join(words), target=target, options=words)
+
+    return (picked, tuple(others)), f"the word of category {picked} (others: {', '.join(others)})", make
+
+
 #: family name -> rule generator.
 FAMILIES = {
     "word_category": _word_category,
@@ -306,6 +321,7 @@ FAMILIES = {
     "number_compare": _number_compare,
     "word_property": _word_property,
     "category_count": _category_count,
+    "category_pick": _category_pick,
 }
 #: The families ``tasks=builtin`` reads when none are named: the first eight, so that recipes, runs and
 #: published numbers made before the later families were added stay reproducible.
