@@ -47,6 +47,7 @@ def _worker(rank: int, world: int, port: int, root: str, resume_dir: str) -> Non
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     root = pathlib.Path(root)
+    failed = False
     try:
         errors = {}
         for name, overrides in (("divisible", dict(meta_batch_size=3)),
@@ -60,11 +61,11 @@ def _worker(rank: int, world: int, port: int, root: str, resume_dir: str) -> Non
         for name, overrides in RUNS.items():
             run_meta_train(tiny_config(root, output_dir=str(root / f"dist-{name}"), **overrides))
         run_meta_train(tiny_config(root, output_dir=resume_dir, **RUNS["metasgd-global"]), resume=True)
-        # both ranks reach the end before either tears gloo down: a rank that destroys the group while
-        # its peer still drains the last collective can abort the peer at exit (seen once in 9 suite runs)
-        torch.distributed.barrier()
+    except BaseException:
+        failed = True
+        raise
     finally:
-        torch.distributed.destroy_process_group()
+        D.teardown(synchronize=not failed)
 
 
 def _deltas(run_dir):
@@ -107,6 +108,43 @@ def test_two_processes_match_single_process(tmp_path):
         # one process, task-batched vs looped, differs by ~2e-6 there too
         _assert_close(ca, cb, f"{name} controller", tolerance=1e-5)
     _assert_close(_deltas(singles["metasgd-global"].run_dir), _deltas(resume_dir), "resumed on 2 processes")
+
+
+def test_teardown_waits_for_every_rank_unless_a_run_failed(monkeypatch, caplog):
+    calls = []
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    D.teardown()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    D.teardown(synchronize=False)
+    assert calls == ["destroy"]
+
+    def peer_gone():
+        raise RuntimeError("Connection closed by peer")
+
+    calls.clear()
+    monkeypatch.setattr(dist, "barrier", peer_gone)
+    with caplog.at_level("WARNING", logger="deltameta.meta.distributed"):
+        D.teardown()
+    assert calls == ["destroy"] and "final barrier failed (Connection closed by peer)" in caplog.text
+
+
+def test_meta_train_synchronizes_its_teardown_only_after_success(tmp_path, monkeypatch):
+    from deltameta.meta import trainer as T
+
+    seen = []
+    monkeypatch.setattr(T.D, "setup", lambda device: (D.SINGLE, True))  # as if this call created a group
+    monkeypatch.setattr(T.D, "teardown", lambda synchronize=True: seen.append(synchronize))
+    config = tiny_config(tmp_path, output_dir=str(tmp_path / "run"), outer_steps=1, eval_every=0,
+                         checkpoint_every=0, export=False, plots=False)
+    run_meta_train(config)
+    with pytest.raises(ConfigError, match="already"):  # the same output_dir again: refused before training
+        run_meta_train(config)
+    assert seen == [True, False]
 
 
 def test_divisibility_and_device_errors():
@@ -164,7 +202,7 @@ def _finetune_worker(rank: int, world: int, port: int, root: str) -> None:
                          f"output_dir={root / 'ft'}"])
         (root / f"finetune-{rank}.txt").write_text(f"{code}\n{err.getvalue()}")
     finally:
-        torch.distributed.destroy_process_group()
+        D.teardown()  # the ranks wait for each other, as a meta-train's end does
 
 
 def test_finetune_under_a_launcher_refuses_with_one_line(tmp_path):

@@ -22,12 +22,15 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from deltameta.errors import ConfigError, DeltametaError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -296,10 +299,24 @@ def setup(device: str = "auto") -> tuple[DistContext, bool]:
     return DistContext(rank, world, local, comm), True
 
 
-def teardown() -> None:
-    """Destroy the process group (after :func:`setup` created it)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def teardown(synchronize: bool = True) -> None:
+    """Destroy the process group (after :func:`setup` created it).
+
+    Args:
+        synchronize: First wait for every rank (a barrier), so that no rank closes its connections while
+            a peer still finishes its last writes; gloo can otherwise abort that peer at exit
+            ("terminate called without an active exception") after a run that succeeded. False after an
+            error, when peers may be gone; a barrier that fails because a peer left is logged and skipped.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        try:
+            dist.barrier()
+        except RuntimeError as error:  # a peer that failed and left: tear down all the same
+            logger.warning("process group teardown: the final barrier failed (%s); destroying it anyway", error)
+    dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -759,6 +759,7 @@ def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: boo
     from deltameta.meta.run_dir import prepare_run_dir
 
     dist, created = D.setup(config.device)
+    failed = False
     try:
         D.check_run(config, dist)
         existed = Path(config.output_dir).expanduser().exists()
@@ -775,6 +776,9 @@ def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: boo
                     run_dir.rmdir()
             raise
         return trainer.train()
+    except BaseException:
+        failed = True
+        raise
     finally:
         if created:
-            D.teardown()
+            D.teardown(synchronize=not failed)
