@@ -47,8 +47,7 @@ def _worker(rank: int, world: int, port: int, root: str, resume_dir: str) -> Non
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     root = pathlib.Path(root)
-    failed = False
-    try:
+    with D.torn_down_after():
         errors = {}
         for name, overrides in (("divisible", dict(meta_batch_size=3)),
                                 ("mismatch", dict(inner_lr=0.05 if rank == 0 else 0.1))):
@@ -61,11 +60,6 @@ def _worker(rank: int, world: int, port: int, root: str, resume_dir: str) -> Non
         for name, overrides in RUNS.items():
             run_meta_train(tiny_config(root, output_dir=str(root / f"dist-{name}"), **overrides))
         run_meta_train(tiny_config(root, output_dir=resume_dir, **RUNS["metasgd-global"]), resume=True)
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        D.teardown(synchronize=not failed)
 
 
 def _deltas(run_dir):
@@ -121,6 +115,12 @@ def test_teardown_waits_for_every_rank_unless_a_run_failed(monkeypatch, caplog):
     assert calls == ["barrier", "destroy"]
     calls.clear()
     D.teardown(synchronize=False)
+    assert calls == ["destroy"]
+    calls.clear()
+    with pytest.raises(ValueError), D.torn_down_after():  # a failed body: no barrier, peers may be gone
+        raise ValueError("rank failed")
+    with D.torn_down_after(created=False):  # a group this caller did not create stays
+        pass
     assert calls == ["destroy"]
 
     def peer_gone():
@@ -196,13 +196,11 @@ def _finetune_worker(rank: int, world: int, port: int, root: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     root = pathlib.Path(root)
     err = io.StringIO()
-    try:
+    with D.torn_down_after():
         with contextlib.redirect_stderr(err):
             code = main(["finetune", "model=tiny-random-llama", "tasks=builtin:linear", "steps=2", "progress=false",
                          f"output_dir={root / 'ft'}"])
         (root / f"finetune-{rank}.txt").write_text(f"{code}\n{err.getvalue()}")
-    finally:
-        D.teardown()  # the ranks wait for each other, as a meta-train's end does
 
 
 def test_finetune_under_a_launcher_refuses_with_one_line(tmp_path):

@@ -319,6 +319,24 @@ def teardown(synchronize: bool = True) -> None:
     dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def torn_down_after(created: bool = True) -> Iterator[None]:
+    """Run the body, then (if ``created``) :func:`teardown`: synchronised after success, at once after an error.
+
+    Args:
+        created: Whether the caller's :func:`setup` created the group (``False``: leave it to its owner).
+    """
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if created:
+            teardown(synchronize=not failed)
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 

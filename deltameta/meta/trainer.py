@@ -759,8 +759,7 @@ def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: boo
     from deltameta.meta.run_dir import prepare_run_dir
 
     dist, created = D.setup(config.device)
-    failed = False
-    try:
+    with D.torn_down_after(created):
         D.check_run(config, dist)
         existed = Path(config.output_dir).expanduser().exists()
         run_dir = dist.run_on_main(prepare_run_dir, config.output_dir, overwrite=overwrite, resume=resume)
@@ -776,9 +775,3 @@ def run_meta_train(config: MetaTrainConfig, overwrite: bool = False, resume: boo
                     run_dir.rmdir()
             raise
         return trainer.train()
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        if created:
-            D.teardown(synchronize=not failed)
