@@ -271,12 +271,27 @@ def _pick_rule(task):
         for e in task.examples)
 
 
+def _number_pick_rule(task):
+    """Exactly one of the three numbers has the property the description names, and it is the answer."""
+    text = task.description.removeprefix("the number that ")
+    parameter = int(text.split()[-1]) if text[-1].isdigit() else None
+    has = {"is even": lambda x: x % 2 == 0, "is greater than": lambda x: x > parameter,
+           "is divisible by": lambda x: x % parameter == 0, "contains the digit": lambda x: str(parameter) in str(x),
+           "has an even digit sum": lambda x: sum(map(int, str(x))) % 2 == 0}
+    test = next(test for prefix, test in has.items() if text.startswith(prefix))
+    positions = {e.options.index(e.target) for e in task.examples}
+    return len(positions) > 1 and all(
+        e.input.split() == e.options and [o for o in e.options if test(int(o))] == [e.target]
+        for e in task.examples)
+
+
 @pytest.mark.parametrize("family, rule, options", [
     ("position_pick", _position_rule, range(3, 7)),
     ("number_compare", _compare_rule, {3}),
     ("word_property", _property_rule, {2}),
     ("category_count", _count_rule, {4}),
     ("category_pick", _pick_rule, {3}),
+    ("number_pick", _number_pick_rule, {3}),
 ])
 def test_later_families_follow_their_hidden_rule(family, rule, options):
     tasks = generate_family(family, 12, 32, seed=5)

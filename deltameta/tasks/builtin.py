@@ -26,8 +26,10 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
   hidden one of them.
 * ``category_pick`` (MC): three words of three categories; the answer is the word of a hidden one of
   them.
+* ``number_pick`` (MC): three numbers 0-99; the answer is the one with a hidden property (a property of
+  ``number_property``), which the other two lack.
 
-``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last five are read
+``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last six are read
 only when named (``builtin:position_pick,...``), so results made before they existed reproduce.
 """
 
@@ -307,6 +309,23 @@ def _category_pick(rng: random.Random):
     return (picked, tuple(others)), f"the word of category {picked} (others: {', '.join(others)})", make
 
 
+def _number_pick(rng: random.Random):
+    name = rng.choice(sorted(_PROPERTIES))
+    draw, test, text = _PROPERTIES[name]
+    parameter = draw(rng)
+    having = [x for x in range(100) if test(x, parameter)]
+    lacking = [x for x in range(100) if not test(x, parameter)]
+
+    def make(r: random.Random) -> Example:
+        numbers = [r.choice(having), *r.sample(lacking, 2)]
+        target = str(numbers[0])
+        r.shuffle(numbers)
+        options = [str(x) for x in numbers]
+        return Example(input=" ".join(options), target=target, options=options)
+
+    return (name, parameter), f"the number that {text.format(parameter)}", make
+
+
 #: family name -> rule generator.
 FAMILIES = {
     "word_category": _word_category,
@@ -322,6 +341,7 @@ FAMILIES = {
     "word_property": _word_property,
     "category_count": _category_count,
     "category_pick": _category_pick,
+    "number_pick": _number_pick,
 }
 #: The families ``tasks=builtin`` reads when none are named: the first eight, so that recipes, runs and
 #: published numbers made before the later families were added stay reproducible.
