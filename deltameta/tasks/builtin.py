@@ -27,7 +27,7 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
 * ``category_pick`` (MC): three words of three categories; the answer is the word of a hidden one of
   them.
 * ``number_pick`` (MC): three numbers 0-99; the answer is the one with a hidden property (a property of
-  ``number_property``), which the other two lack. About half of its distinct rules are "greater than p",
+  ``number_property``), which the other two lack. About half of the rules it draws are "greater than p",
   whose answer is always the largest of the three, as in ``number_compare``'s "largest" rule.
 
 ``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last six are read
