@@ -27,8 +27,9 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
 * ``category_pick`` (MC): three words of three categories; the answer is the word of a hidden one of
   them.
 * ``number_pick`` (MC): three numbers 0-99; the answer is the one with a hidden property (a property of
-  ``number_property``), which the other two lack. About half of the rules it draws are "greater than p",
-  whose answer is always the largest of the three, as in ``number_compare``'s "largest" rule.
+  ``number_property``), which the other two lack. 80 of its 99 distinct rules are "greater than p"
+  (a draw picks one of five kinds uniformly, so about half of 32 drawn rules), whose answer is
+  always the largest of the three, as in ``number_compare``'s "largest" rule.
 
 ``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last six are read
 only when named (``builtin:position_pick,...``), so results made before they existed reproduce.
