@@ -117,11 +117,16 @@ _PROPERTIES = {
 }
 
 
-def _labelled_property(rng: random.Random, properties: dict, draw_input: Callable[[random.Random], object], noun: str):
-    """A hidden property of the input (drawn from ``properties``) named by two random label words."""
+def _draw_property(rng: random.Random, properties: dict):
+    """A hidden property drawn from ``properties``: its name, parameter, test and description template."""
     name = rng.choice(sorted(properties))
     draw, test, text = properties[name]
-    parameter = draw(rng)
+    return name, draw(rng), test, text
+
+
+def _labelled_property(rng: random.Random, properties: dict, draw_input: Callable[[random.Random], object], noun: str):
+    """A hidden property of the input (drawn from ``properties``) named by two random label words."""
+    name, parameter, test, text = _draw_property(rng, properties)
     yes, no = rng.sample(LABELS, 2)
 
     def make(r: random.Random) -> Example:
@@ -312,9 +317,7 @@ def _category_pick(rng: random.Random):
 
 
 def _number_pick(rng: random.Random):
-    name = rng.choice(sorted(_PROPERTIES))
-    draw, test, text = _PROPERTIES[name]
-    parameter = draw(rng)
+    name, parameter, test, text = _draw_property(rng, _PROPERTIES)
     having = [x for x in range(100) if test(x, parameter)]
     lacking = [x for x in range(100) if not test(x, parameter)]
 
