@@ -285,6 +285,19 @@ def _number_pick_rule(task):
         for e in task.examples)
 
 
+def _string_op_pick_rule(task):
+    """The options are the input words through the three named operations; the answer is the hidden one's."""
+    from deltameta.tasks.builtin import _STRING_OPS
+
+    target = task.description.split(" through ")[1].split(" (")[0]
+    others = task.description.split("(others: ")[1].rstrip(")").split(", ")
+    positions = {e.options.index(e.target) for e in task.examples}
+    return len(positions) > 1 and "last_word" not in (target, *others) and all(
+        e.target == _STRING_OPS[target](e.input.split())
+        and sorted(e.options) == sorted(_STRING_OPS[name](e.input.split()) for name in (target, *others))
+        for e in task.examples)
+
+
 @pytest.mark.parametrize("family, rule, options", [
     ("position_pick", _position_rule, range(3, 7)),
     ("number_compare", _compare_rule, {3}),
@@ -292,6 +305,7 @@ def _number_pick_rule(task):
     ("category_count", _count_rule, {4}),
     ("category_pick", _pick_rule, {3}),
     ("number_pick", _number_pick_rule, {3}),
+    ("string_op_pick", _string_op_pick_rule, {3}),
 ])
 def test_later_families_follow_their_hidden_rule(family, rule, options):
     tasks = generate_family(family, 12, 32, seed=5)

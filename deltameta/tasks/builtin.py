@@ -30,8 +30,13 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
   ``number_property``), which the other two lack. 80 of its 99 distinct rules are "greater than p"
   (a draw picks one of five kinds uniformly, so about half of 32 drawn rules), whose answer is
   always the largest of the three, as in ``number_compare``'s "largest" rule.
+* ``string_op_pick`` (MC): two words and three options, each the words through a different string
+  operation of ``string_op`` (reverse, upper case, doubled letters, ...); the answer is the one
+  made by a hidden operation, the other two by two hidden distractor operations fixed per task
+  (252 rules: 9 operations x 28 distractor pairs; ``last_word`` is left out, as its output is an
+  item of the input, like ``position_pick``'s answers).
 
-``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last six are read
+``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last seven are read
 only when named (``builtin:position_pick,...``), so results made before they existed reproduce.
 """
 
@@ -331,6 +336,28 @@ def _number_pick(rng: random.Random):
     return (name, parameter), f"the number that {text.format(parameter)}", make
 
 
+#: The operations of string_op_pick: those of string_op but ``last_word``, whose output is a word of the input.
+_PICK_OPERATIONS = tuple(sorted(set(_STRING_OPS) - {"last_word"}))
+
+
+def _string_op_pick(rng: random.Random):
+    target, *others = rng.sample(_PICK_OPERATIONS, 3)
+    others = sorted(others)
+    operations = [_STRING_OPS[name] for name in (target, *others)]
+
+    def make(r: random.Random) -> Example:
+        for _ in range(200):  # redraw words whose three outputs are not all different
+            words = r.sample(WORDS, 2)
+            outputs = [operation(words) for operation in operations]
+            if len(set(outputs)) == 3:
+                break
+        answer = outputs[0]
+        r.shuffle(outputs)
+        return Example(input=" ".join(words), target=answer, options=outputs)
+
+    return (target, tuple(others)), f"the words through {target} (others: {', '.join(others)})", make
+
+
 #: family name -> rule generator.
 FAMILIES = {
     "word_category": _word_category,
@@ -347,6 +374,7 @@ FAMILIES = {
     "category_count": _category_count,
     "category_pick": _category_pick,
     "number_pick": _number_pick,
+    "string_op_pick": _string_op_pick,
 }
 #: The families ``tasks=builtin`` reads when none are named: the first eight, so that recipes, runs and
 #: published numbers made before the later families were added stay reproducible.
