@@ -351,6 +351,8 @@ def _string_op_pick(rng: random.Random):
             outputs = [operation(words) for operation in operations]
             if len(set(outputs)) == 3:
                 break
+        else:  # at most a few in a thousand pairs of words collide, so 200 draws always find one
+            raise RuntimeError(f"string_op_pick: no two words give distinct outputs of {target}, {', '.join(others)}")
         answer = outputs[0]
         r.shuffle(outputs)
         return Example(input=" ".join(words), target=answer, options=outputs)
