@@ -34,7 +34,8 @@ Families (``MC`` = multiple choice, scored by option log-likelihood):
   operation of ``string_op`` (reverse, upper case, doubled letters, ...); the answer is the one
   made by a hidden operation, the other two by two hidden distractor operations fixed per task
   (252 rules: 9 operations x 28 distractor pairs; ``last_word`` is left out, as its output is an
-  item of the input, like ``position_pick``'s answers).
+  item of the input, like ``position_pick``'s answers). Its options differ in token count, so the
+  summed log-likelihood favours short ones; length-normalised accuracy is the telling score there.
 
 ``tasks=builtin`` alone reads the first eight (:data:`DEFAULT_FAMILIES`); the last seven are read
 only when named (``builtin:position_pick,...``), so results made before they existed reproduce.
