@@ -318,6 +318,15 @@ def test_later_families_follow_their_hidden_rule(family, rule, options):
         assert rule(task), task.description
 
 
+def test_string_op_pick_raises_when_no_words_give_distinct_options(monkeypatch):
+    """When every draw collides, the redraw loop raises instead of returning repeated options."""
+    from deltameta.tasks import builtin
+
+    monkeypatch.setattr(builtin, "_STRING_OPS", {name: (lambda words: "same") for name in builtin._PICK_OPERATIONS})
+    with pytest.raises(RuntimeError, match="string_op_pick: no two words give distinct outputs"):
+        generate_family("string_op_pick", 1, 4)
+
+
 def test_builtin_family_subset_and_unknown_family():
     collection = load_tasks("builtin:linear,kv_lookup", builtin_tasks_per_family=2)
     assert collection.families == ["kv_lookup", "linear"]
