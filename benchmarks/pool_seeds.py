@@ -19,23 +19,31 @@ same episodes (one evaluation seed); the same adapters given twice are refused. 
 first runs two tiny evaluations (seeds 0 and 1, plus ICL of seed 0 as a separate part) under DIR
 and pools them (the test suite does this). ``--earlier FILE.json`` adds the seeds of an earlier
 pooling (the JSON its ``--out`` wrote) to the ones given, pooled by (seed, task) pairs from their
-statistics, which is exact: for seeds whose evaluations are gone.
+statistics, which is exact: for seeds whose evaluations are gone. ``--group-by REGEX`` adds the same
+rows per group of tasks: a task's group is what ``re.search(REGEX, description)`` finds in the
+description of its built-in task, regenerated from the evaluation's config (the first capture
+group if the regex has one, else the match; ``(no match)`` where it finds nothing), e.g.
+``--group-by ' through (\\w+)'`` groups ``string_op_pick`` tasks by their hidden operation.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
 from deltameta.atomic import atomic_write_json, atomic_write_text
 from deltameta.errors import ConfigError
-from deltameta.evaluate.pooling import SeedPart, extend_pooled, parse_pairs, pool_seeds, pooled_table, seed_scores
+from deltameta.evaluate.pooling import (SeedPart, SeedScores, extend_pooled, parse_pairs, pool_seeds, pooled_table,
+                                        seed_scores)
 
 SMOKE_EVAL = dict(model="tiny-random-llama", quantization="none", tasks="builtin:kv_lookup", splits="train=1",
                   split="train", builtin_tasks_per_family=2, builtin_examples_per_task=12, max_tasks=2, episodes=1,
                   shots=2, query_size=2, max_length=48, plots=False, progress=False)
+NO_MATCH = "(no match)"
 
 
 def _smoke_parts(root: Path) -> list[list[str]]:
@@ -74,6 +82,68 @@ def _read_earlier(args: argparse.Namespace) -> dict:
     return earlier
 
 
+def _descriptions(seed: SeedScores) -> dict[str, str]:
+    """Each task's description: the built-in tasks regenerated as ``deltameta evaluate`` read them.
+
+    Args:
+        seed: A seed's scores; its ``config`` is the evaluation's (``results.json`` ``config``).
+
+    Returns:
+        Task name -> description, for every task the seed evaluated.
+
+    Raises:
+        ConfigError: a task is not a built-in task, or not among the regenerated ones.
+    """
+    from deltameta.evaluate import EvaluateConfig
+    from deltameta.tasks import load_tasks
+    from deltameta.tasks.builtin import SOURCE
+    from deltameta.tasks.loader import data_options, source_parts
+
+    keys = {f.name for f in dataclasses.fields(EvaluateConfig)}
+    config = EvaluateConfig(**{k: v for k, v in seed.config.items() if k in keys})
+    builtin = [str(p) for p in source_parts(config.tasks) if str(p) == SOURCE or str(p).startswith(SOURCE + ":")]
+    # the runner's own reading (load_tasks with data_options) minus its split and selection, which keep task names
+    tasks = load_tasks(builtin, **data_options(config, builtin)) if builtin else []
+    found = {t.name: t.description for t in tasks}
+    for name in seed.episodes:
+        if name in found:
+            continue
+        if len(builtin) < len(source_parts(config.tasks)):
+            raise ConfigError(f"--group-by: task '{name}' of '{seed.name}' is not a built-in task (tasks="
+                              f"'{config.tasks}'); --group-by needs built-in tasks, whose descriptions it regenerates "
+                              "from the evaluation's config.")
+        raise ConfigError(f"--group-by: task '{name}' of '{seed.name}' is not among the built-in tasks regenerated "
+                          f"from its config (tasks='{config.tasks}', seed={config.seed}, builtin_tasks_per_family="
+                          f"{config.builtin_tasks_per_family}); its description is unknown.")
+    return {name: found[name] for name in seed.episodes}
+
+
+def _group_of(pattern: re.Pattern[str], description: str) -> str:
+    """The first capture group (the whole match if there is none, or it took no part) or :data:`NO_MATCH`."""
+    match = pattern.search(description)
+    if match is None:
+        return NO_MATCH
+    return match.group(1) if pattern.groups and match.group(1) is not None else match.group(0)
+
+
+def _pool_groups(seeds: list[SeedScores], pattern: re.Pattern[str], pairs: list[tuple[str, str]] | None,
+                 unit: str) -> dict[str, dict]:
+    """:func:`pool_seeds` of each group's tasks, with the unit the pooling of all tasks chose.
+
+    Returns:
+        Group label -> pooled output, labels sorted with :data:`NO_MATCH` last.
+    """
+    labels = [{name: _group_of(pattern, text) for name, text in _descriptions(seed).items()} for seed in seeds]
+    out = {}
+    for group in sorted({g for by_task in labels for g in by_task.values()}, key=lambda g: (g == NO_MATCH, g)):
+        # episodes left out: the pooling of all tasks already checked the seeds and chose the unit
+        subset = [SeedScores({m: {t: v for t, v in scores.items() if by_task.get(t) == group}
+                              for m, scores in seed.scores.items()}, {}, seed.config, seed.name, seed.trained)
+                  for seed, by_task in zip(seeds, labels)]
+        out[group] = pool_seeds(subset, pairs, unit)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Pool the seeds named on the command line; print (and with ``--out`` write) the table. Exit 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -96,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the pooled CI covers every (seed, task) pair of all seeds, exactly as if their "
                              "evaluations were given (for seeds whose evaluations are gone)")
     parser.add_argument("--smoke", default=None, metavar="DIR", help="tiny evaluations under DIR, then pool them")
+    parser.add_argument("--group-by", default=None, metavar="REGEX",
+                        help="also pool per group of tasks: re.search(REGEX, description) of each built-in task "
+                             "(regenerated from the evaluation's config) gives its group, the first capture group "
+                             f"if any, else the match; '{NO_MATCH}' where it does not match")
     args = parser.parse_args(argv)
     try:
         if args.out and Path(args.out).suffix != ".md":
@@ -107,9 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         args.step = args.step or ("1" if args.smoke else "2")
         seeds = _smoke_parts(Path(args.smoke)) if args.smoke else args.seed
         earlier = _read_earlier(args) if args.earlier else None
+        if earlier and args.group_by:
+            raise ConfigError("--group-by needs every task's scores; an --earlier pooling holds only statistics.")
+        try:
+            pattern = re.compile(args.group_by) if args.group_by else None
+        except re.error as error:
+            raise ConfigError(f"--group-by {args.group_by!r}: not a regular expression ({error}).") from None
         scores = [seed_scores([SeedPart.parse(spec) for spec in specs], args.step, args.key) for specs in seeds]
-        pooled = pool_seeds(scores, parse_pairs(args.pairs) if args.pairs else None,
-                            "pair" if earlier else args.unit)
+        pairs = parse_pairs(args.pairs) if args.pairs else None
+        pooled = pool_seeds(scores, pairs, "pair" if earlier else args.unit)
+        groups = _pool_groups(scores, pattern, pairs, pooled["unit"]) if pattern else {}
         if earlier:
             pooled = extend_pooled(earlier, pooled)
             seeds = list(earlier.get("seeds_given") or [[]] * earlier["seeds"]) + list(seeds)
@@ -121,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = (f"Paired differences of {args.key} after {args.step} steps (percentage points; mean ± 95% CI; "
              f"{pooled['convention']}):\n\n" + pooled_table(pooled, labels))
+    for group, entry in groups.items():
+        table += f"\nGroup `{group}` of the tasks' descriptions (--group-by `{args.group_by}`):\n\n"
+        table += pooled_table(entry, labels)
     print(table)
     if args.out:
         out = Path(args.out)
         atomic_write_text(out, table)
-        atomic_write_json(out.with_suffix(".json"), dict(pooled, step=args.step, key=args.key, seeds_given=seeds))
+        extra = dict(group_by=args.group_by, groups=groups) if groups else {}
+        atomic_write_json(out.with_suffix(".json"), dict(pooled, step=args.step, key=args.key, seeds_given=seeds,
+                                                         **extra))
     return 0
 
 

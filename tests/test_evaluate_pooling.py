@@ -250,3 +250,65 @@ def test_pooling_from_statistics_refuses_another_unit_and_a_repeated_seed():
     with pytest.raises(ConfigError, match="n >= 2"):
         pool_summaries([stats, mean_ci([0.5])])
     assert pool_summaries([stats, mean_ci([0.5, 0.1])])["ci95"] == pytest.approx(mean_ci([0.1, 0.3, -0.2, 0.5, 0.1])["ci95"])
+
+
+def _builtin_results(tmp_path, family: str, seed: int, tasks_per_family: int = 4, names: int = 4) -> str:
+    """A results.json of built-in tasks ``{family}__000`` ... as an evaluation with ``seed`` would name them."""
+    results = _results(["fresh-lora", "meta"], tasks=[f"{family}__{i:03d}" for i in range(names)], seed=seed,
+                       source=f"builtin:{family}")
+    results["config"].update(builtin_tasks_per_family=tasks_per_family, builtin_examples_per_task=8)
+    return _write(tmp_path, f"{family}-{seed}", results)
+
+
+def test_group_by_pools_each_group_of_task_descriptions(tmp_path, capsys):
+    """Groups from each seed's own regenerated rules; a group's pooled mean is that of its (seed, task) pairs."""
+    from benchmark_helpers import load_benchmark
+
+    from deltameta.tasks.builtin import generate_family
+
+    dirs = [_builtin_results(tmp_path, "string_op_pick", s) for s in (0, 1)]
+    argv = ["--seed", dirs[0], "--seed", dirs[1], "--pairs", "meta-fresh-lora", "--group-by", r" through (\w+)"]
+    assert load_benchmark("pool_seeds").main([*argv, "--out", str(tmp_path / "g.md")]) == 0
+    labels = [{t.name: t.description.split(" through ")[1].split(" (")[0]
+               for t in generate_family("string_op_pick", 4, 8, seed=s)} for s in (0, 1)]
+    assert labels[0] != labels[1]  # so a grouping by seed 0's rules for both seeds would fail below
+    diffs: dict[str, list[float]] = {}
+    for folder, by_task in zip(dirs, labels):
+        for task, entry in json.loads((Path(folder) / "results.json").read_text())["tasks"].items():
+            meta, fresh = (sum(entry["methods"][m]["accuracy"]["2"]) / 2 for m in ("meta", "fresh-lora"))
+            diffs.setdefault(by_task[task], []).append(meta - fresh)
+    written = json.loads((tmp_path / "g.json").read_text())
+    assert written["group_by"] == r" through (\w+)" and set(written["groups"]) == set(diffs)
+    for group, values in diffs.items():
+        pooled = written["groups"][group]["comparisons"]["meta - fresh-lora"]["pooled"]
+        assert pooled["n"] == len(values) and pooled["mean"] == pytest.approx(sum(values) / len(values)), group
+    assert sum(len(v) for v in diffs.values()) == written["comparisons"]["meta - fresh-lora"]["pooled"]["n"] == 8
+    out = capsys.readouterr().out
+    assert all(f"Group `{group}` of the tasks' descriptions" in out for group in diffs)
+
+
+def test_group_by_a_regex_that_never_matches_gives_one_no_match_group(tmp_path):
+    from benchmark_helpers import load_benchmark
+
+    dirs = [_builtin_results(tmp_path, "number_pick", s) for s in (0, 1)]
+    assert load_benchmark("pool_seeds").main(["--seed", dirs[0], "--seed", dirs[1], "--group-by", r" through (\w+)",
+                                              "--out", str(tmp_path / "g.md")]) == 0
+    written = json.loads((tmp_path / "g.json").read_text())
+    assert list(written["groups"]) == ["(no match)"]
+    assert written["groups"]["(no match)"]["comparisons"] == written["comparisons"]
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("bigbench", "task 't0' of '{tmp}/b' is not a built-in task (tasks='bigbench'); --group-by needs built-in tasks"),
+    ("builtin:number_pick", "task 'number_pick__003' of '{tmp}/b' is not among the built-in tasks regenerated"),
+])
+def test_group_by_refuses_tasks_without_a_regenerated_description(source, message, tmp_path, capsys):
+    """A task --group-by cannot regenerate is named, never put in a group."""
+    from benchmark_helpers import load_benchmark
+
+    names = ["t0", "t1"] if source == "bigbench" else [f"number_pick__{i:03d}" for i in range(4)]
+    results = _results(["fresh-lora", "meta"], tasks=names, source=source)
+    results["config"]["builtin_tasks_per_family"] = 3  # number_pick__003 is not among 3 generated tasks
+    folder = _write(tmp_path, "b", results)
+    assert load_benchmark("pool_seeds").main(["--seed", folder, "--group-by", "greater"]) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
