@@ -94,13 +94,14 @@ def _descriptions(seed: SeedScores) -> dict[str, str]:
     Raises:
         ConfigError: a task is not a built-in task, or not among the regenerated ones.
     """
+    from deltameta.config import build_config
     from deltameta.evaluate import EvaluateConfig
     from deltameta.tasks import load_tasks
     from deltameta.tasks.builtin import SOURCE
     from deltameta.tasks.loader import data_options, source_parts
 
-    keys = {f.name for f in dataclasses.fields(EvaluateConfig)}
-    config = EvaluateConfig(**{k: v for k, v in seed.config.items() if k in keys})
+    keys = {f.name for f in dataclasses.fields(EvaluateConfig)}  # a key an older evaluate wrote is not read back
+    config = build_config(EvaluateConfig, overrides={k: v for k, v in seed.config.items() if k in keys})
     builtin = [str(p) for p in source_parts(config.tasks) if str(p) == SOURCE or str(p).startswith(SOURCE + ":")]
     # the runner's own reading (load_tasks with data_options) minus its split and selection, which keep task names
     tasks = load_tasks(builtin, **data_options(config, builtin)) if builtin else []
