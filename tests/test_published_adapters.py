@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 ADAPTERS = sorted(p for p in (Path(__file__).resolve().parent.parent / "adapters").iterdir() if p.is_dir())
 CARD_SECTIONS = ("## Base model", "## Task distribution", "## Reproduce", "## Metrics")
 
@@ -74,3 +77,82 @@ def test_learned_rates_cover_every_lora_tensor(adapter):
         assert bool((rate > 0).all()), f"rate {name} is not positive"
         covered.add(key)
     assert covered == set(weights), f"LoRA tensors without a learned rate: {sorted(set(weights) - covered)[:3]}"
+
+
+def card_commands(card: str) -> list[tuple[str, list[str]]]:
+    """Every ``deltameta`` command of a card's bash blocks, with the variables of its own block expanded.
+
+    A card's reader copies one block at a time, so each block must set every variable it uses.
+
+    Args:
+        card: The card's Markdown text.
+
+    Returns:
+        ``(subcommand, words after it)`` for each command, in order.
+
+    Raises:
+        AssertionError: a command uses a variable that its own block does not set.
+    """
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", card, flags=re.DOTALL):
+        variables: dict[str, str] = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if not words:
+                continue
+
+            def expand(word: str) -> str:
+                def value(match: re.Match) -> str:
+                    name = match.group(1) or match.group(2)
+                    assert name in variables, f"'{line.strip()[:60]}...' uses ${name}, which its own code block does not set"
+                    return variables[name]
+
+                return re.sub(r"\$(?:\{(\w+)\}|(\w+))", value, word)
+
+            if len(words) == 1 and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
+                name, _, raw = words[0].partition("=")
+                variables[name] = expand(raw)
+            elif words[0] == "deltameta":
+                commands.append((words[1], [expand(word) for word in words[2:]]))
+    return commands
+
+
+def test_card_commands_expand_within_their_block():
+    """The parser behind the card test: variables from another block are an error, not an empty string."""
+    card = "```bash\nA=x\ndeltameta evaluate adapter=$A \\\n    seed=1\n```\n\n```bash\ndeltameta evaluate adapter=$A\n```\n"
+    with pytest.raises(AssertionError, match=r"uses \$A"):
+        card_commands(card)
+    assert card_commands(card.split("\n\n")[0]) == [("evaluate", ["adapter=x", "seed=1"])]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda p: p.name)
+def test_card_commands_are_valid_and_compare_this_adapter_with_its_baseline(adapter):
+    """The card's commands parse as the CLI parses them, and its evaluate command reruns the card's comparison.
+
+    The evaluate command (and every evaluate recipe shipped beside the adapter) must name this adapter
+    and its ``baseline-multitask/``, score ``meta`` and ``multitask``, and include the number of inner
+    steps the adapter was meta-trained for.
+    """
+    from deltameta.config import build_config
+    from deltameta.deltas.inner_loop import read_export_record
+    from deltameta.evaluate.config import EvaluateConfig
+    from deltameta.meta.config import MetaTrainConfig
+
+    commands = card_commands((adapter / "README.md").read_text())
+    configs = {"evaluate": EvaluateConfig, "meta-train": MetaTrainConfig}
+    evaluations = []
+    for subcommand, words in commands:
+        assert subcommand in configs, f"{adapter.name}/README.md runs 'deltameta {subcommand}', which this test does not check"
+        recipe = words[words.index("--config") + 1] if "--config" in words else None
+        config = build_config(configs[subcommand], recipe, [word for word in words if "=" in word])
+        if subcommand == "evaluate":
+            evaluations.append(config)
+    evaluations += [build_config(EvaluateConfig, recipe) for recipe in sorted(adapter.glob("*.yaml"))]
+    assert evaluations, f"{adapter.name}/README.md shows no 'deltameta evaluate' command"
+    record = read_export_record(adapter)
+    for config in evaluations:
+        assert (ROOT / config.adapter).resolve() == adapter.resolve()
+        assert (ROOT / config.multitask_adapter).resolve() == (adapter / "baseline-multitask").resolve()
+        assert {"meta", "multitask"} <= set(config.methods)
+        if record is not None:
+            assert record["inner_loop"]["steps"] in config.steps
