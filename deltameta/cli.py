@@ -70,10 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the process exit code."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command_line(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse a ``deltameta`` command line as :func:`main` does, without running it.
+
+    Args:
+        argv: The words after ``deltameta``.
+        parser: The parser to use (default: :func:`build_parser`'s).
+
+    Returns:
+        The namespace, with ``verbose`` set and every ``key=value`` word in ``overrides``.
+
+    Raises:
+        SystemExit: an unrecognized word (argparse's usage error).
+    """
+    parser = parser or build_parser()
     # --verbose is global and may come anywhere (before `--`), e.g. after the subcommand's options
     cut = argv.index("--") if "--" in argv else len(argv)
     verbose = any(word in ("-v", "--verbose") for word in argv[:cut])
@@ -87,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = build_parser()
+    args = parse_command_line(list(sys.argv[1:] if argv is None else argv), parser)
     from deltameta.quiet import configure
 
     configure(verbose=args.verbose)

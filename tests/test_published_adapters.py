@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-ADAPTERS = sorted(p for p in (Path(__file__).resolve().parent.parent / "adapters").iterdir() if p.is_dir())
+ADAPTERS = sorted(p for p in (ROOT / "adapters").iterdir() if p.is_dir())
 CARD_SECTIONS = ("## Base model", "## Task distribution", "## Reproduce", "## Metrics")
 
 
@@ -79,7 +79,21 @@ def test_learned_rates_cover_every_lora_tensor(adapter):
     assert covered == set(weights), f"LoRA tensors without a learned rate: {sorted(set(weights) - covered)[:3]}"
 
 
-def card_commands(card: str) -> list[tuple[str, list[str]]]:
+def expand_variables(word: str, variables: dict[str, str], line: str) -> str:
+    """Replace ``$NAME`` and ``${NAME}`` in ``word`` by the values set earlier in the same code block.
+
+    Raises:
+        AssertionError: ``line`` uses a variable that its own block does not set.
+    """
+    def value(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        assert name in variables, f"'{line.strip()[:60]}...' uses ${name}, which its own code block does not set"
+        return variables[name]
+
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))", value, word)
+
+
+def card_commands(card: str) -> list[list[str]]:
     """Every ``deltameta`` command of a card's bash blocks, with the variables of its own block expanded.
 
     A card's reader copies one block at a time, so each block must set every variable it uses.
@@ -88,7 +102,7 @@ def card_commands(card: str) -> list[tuple[str, list[str]]]:
         card: The card's Markdown text.
 
     Returns:
-        ``(subcommand, words after it)`` for each command, in order.
+        The words after ``deltameta`` of each command, in order.
 
     Raises:
         AssertionError: a command uses a variable that its own block does not set.
@@ -98,22 +112,11 @@ def card_commands(card: str) -> list[tuple[str, list[str]]]:
         variables: dict[str, str] = {}
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            if not words:
-                continue
-
-            def expand(word: str) -> str:
-                def value(match: re.Match) -> str:
-                    name = match.group(1) or match.group(2)
-                    assert name in variables, f"'{line.strip()[:60]}...' uses ${name}, which its own code block does not set"
-                    return variables[name]
-
-                return re.sub(r"\$(?:\{(\w+)\}|(\w+))", value, word)
-
             if len(words) == 1 and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
                 name, _, raw = words[0].partition("=")
-                variables[name] = expand(raw)
-            elif words[0] == "deltameta":
-                commands.append((words[1], [expand(word) for word in words[2:]]))
+                variables[name] = expand_variables(raw, variables, line)
+            elif words and words[0] == "deltameta":
+                commands.append([expand_variables(word, variables, line) for word in words[1:]])
     return commands
 
 
@@ -122,7 +125,7 @@ def test_card_commands_expand_within_their_block():
     card = "```bash\nA=x\ndeltameta evaluate adapter=$A \\\n    seed=1\n```\n\n```bash\ndeltameta evaluate adapter=$A\n```\n"
     with pytest.raises(AssertionError, match=r"uses \$A"):
         card_commands(card)
-    assert card_commands(card.split("\n\n")[0]) == [("evaluate", ["adapter=x", "seed=1"])]
+    assert card_commands(card.split("\n\n")[0]) == [["evaluate", "adapter=x", "seed=1"]]
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda p: p.name)
@@ -133,19 +136,19 @@ def test_card_commands_are_valid_and_compare_this_adapter_with_its_baseline(adap
     and its ``baseline-multitask/``, score ``meta`` and ``multitask``, and include the number of inner
     steps the adapter was meta-trained for.
     """
+    from deltameta.cli import parse_command_line
     from deltameta.config import build_config
     from deltameta.deltas.inner_loop import read_export_record
     from deltameta.evaluate.config import EvaluateConfig
     from deltameta.meta.config import MetaTrainConfig
 
-    commands = card_commands((adapter / "README.md").read_text())
     configs = {"evaluate": EvaluateConfig, "meta-train": MetaTrainConfig}
     evaluations = []
-    for subcommand, words in commands:
-        assert subcommand in configs, f"{adapter.name}/README.md runs 'deltameta {subcommand}', which this test does not check"
-        recipe = words[words.index("--config") + 1] if "--config" in words else None
-        config = build_config(configs[subcommand], recipe, [word for word in words if "=" in word])
-        if subcommand == "evaluate":
+    for words in card_commands((adapter / "README.md").read_text()):
+        args = parse_command_line(words)
+        assert args.command in configs, f"{adapter.name}/README.md runs 'deltameta {args.command}', which this test does not check"
+        config = build_config(configs[args.command], args.config, args.overrides)
+        if args.command == "evaluate":
             evaluations.append(config)
     evaluations += [build_config(EvaluateConfig, recipe) for recipe in sorted(adapter.glob("*.yaml"))]
     assert evaluations, f"{adapter.name}/README.md shows no 'deltameta evaluate' command"
